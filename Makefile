@@ -1,0 +1,37 @@
+# Two entry points on a fresh machine: `make demo` and `make test` (both build .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup demo test bench samples clean
+
+setup: $(VENV)/.installed
+
+# torch first: a CPU build where there is no NVIDIA GPU, so pip never pulls GBs of CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -q "torch>=2.8"; \
+	else \
+		$(PIP) install -q --no-index "torch==2.13.0" 2>/dev/null \
+		|| $(PIP) install -q "torch>=2.8" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install -q -e ".[test]"
+	@touch $@
+
+samples: setup
+	$(PY) data_samples/make_samples.py
+
+demo: setup
+	$(PY) pipelines/demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) demo_out mlflow.db mlartifacts
