@@ -177,3 +177,11 @@ def test_phi_only_on_request(tmp_path):
     kept = read_dicom_series(paths, keep_phi=True).volumes[0].meta.acquisition
     assert "DOE^JANE" not in repr(plain) and "12345" not in repr(plain)
     assert kept["PatientName"] == "DOE^JANE" and kept["PatientID"] == "12345"
+
+
+def test_series_sharing_a_uid_are_told_apart_by_series_number(shared_data):
+    files = sorted((shared_data / "dicom" / "dcm_qa_ts" / "In").glob("*.dcm"))
+    result = read_dicom_series(files)
+    assert len(result.volumes) == 9 and not result.rejected
+    parts = sorted(v.meta.acquisition["VolumePart"] for v in result.volumes)
+    assert parts == sorted(f"s{n}" for n in range(1, 10))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,6 +22,18 @@ _IMAGE_KIND_WORDS = (
     "M", "P", "R", "I", "MAGNITUDE", "PHASE", "REAL", "IMAGINARY", "FIELD_MAP", "FIELDMAP",
     "B0", "B0 MAP", "ADC", "TRACEW", "FA", "T1 MAP", "T2 MAP", "MIXED", "MOSAIC",
 )
+
+
+class SplitKey(NamedTuple):
+    """What makes frames of one series belong to different volumes."""
+
+    series_uid: str
+    series_number: int | None
+    orientation: tuple
+    shape: tuple
+    kind: tuple  # image-kind words: magnitude, phase, field map ...
+    echo: Any
+    contrast: str
 
 
 @dataclass
@@ -39,7 +51,7 @@ class Frame:
     pixel_spacing_mm: tuple[float, float]  # (between rows, between columns)
     slope: float
     intercept: float
-    split_key: tuple  # frames with different keys belong to different volumes
+    split_key: SplitKey
     time_key: tuple  # orders frames that share a position (4D); the last item only breaks ties
     uid: str  # SOP Instance UID plus frame number: duplicates are dropped
     slice_thickness_mm: float | None = None
@@ -305,15 +317,22 @@ def _enhanced_time_key(ds: Any, content: Any, index: int) -> tuple:
 
 
 # ----------------------------------------------------------------------------- keys
-def _split_key(ds: Any, iop: np.ndarray, shape: tuple, kind: tuple, echo: Any) -> tuple:
-    return (
-        str(ds.get("SeriesInstanceUID", "")),
-        tuple(np.round(iop, 3)),
-        tuple(int(s) for s in shape),
-        kind,
-        echo,
-        str(ds.get("AcquisitionContrast", "")),
+def _split_key(ds: Any, iop: np.ndarray, shape: tuple, kind: tuple, echo: Any) -> SplitKey:
+    return SplitKey(
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        series_number=_series_number(ds),
+        orientation=tuple(np.round(iop, 3)),
+        shape=tuple(int(s) for s in shape),
+        kind=kind,
+        echo=echo,
+        contrast=str(ds.get("AcquisitionContrast", "")),
     )
+
+
+def _series_number(ds: Any) -> int | None:
+    # Some anonymisers give several series one UID; SeriesNumber still tells them apart.
+    number = _float(ds.get("SeriesNumber"), None)
+    return None if number is None else int(number)
 
 
 def _image_kind(image_type: Any) -> tuple:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medgen.errors import InputError
-from medgen.io.dicom_frames import Frame, frames_from_dataset
+from medgen.io.dicom_frames import Frame, SplitKey, frames_from_dataset
 from medgen.io.dicom_geometry import stack_frames, source_files
 from medgen.io.dicom_meta import acquisition_fields
 from medgen.volume import Volume, VolumeMeta
@@ -107,32 +107,34 @@ def _decode(path: Path) -> tuple[Any, list[Frame]] | InputError:
         return InputError(path, f"malformed DICOM header ({_first_line(exc)})")
 
 
-def _split(frames: list[Frame]) -> dict[tuple, list[Frame]]:
-    groups: dict[tuple, list[Frame]] = {}
+def _split(frames: list[Frame]) -> dict[SplitKey, list[Frame]]:
+    groups: dict[SplitKey, list[Frame]] = {}
     for frame in frames:
         groups.setdefault(frame.split_key, []).append(frame)
     return groups
 
 
-def _part_labels(keys: list[tuple]) -> dict[tuple, str]:
+def _part_labels(keys: list[SplitKey]) -> dict[SplitKey, str]:
     """Short names telling the volumes of one series apart (only what differs among them)."""
     if len(keys) <= 1:
         return {k: "" for k in keys}
-    labels: dict[tuple, list[str]] = {k: [] for k in keys}
-    fields = list(zip(*keys))
-    orientations = list(dict.fromkeys(fields[1]))
-    for key in keys:
-        _series, orientation, shape, kind, echo, _contrast = key
-        if len(set(fields[3])) > 1 and kind:
-            labels[key].append("-".join(w.lower().replace(" ", "") for w in kind))
-        echoes_of_kind = sorted({k[4] for k in keys if k[3] == kind}, key=str)
+    orientations = list(dict.fromkeys(k.orientation for k in keys))
+    labels: dict[SplitKey, str] = {}
+    for index, key in enumerate(keys):
+        parts = []
+        if len({k.series_number for k in keys}) > 1:
+            parts.append(f"s{key.series_number}")
+        if len({k.kind for k in keys}) > 1 and key.kind:
+            parts.append("-".join(w.lower().replace(" ", "") for w in key.kind))
+        echoes_of_kind = sorted({k.echo for k in keys if k.kind == key.kind}, key=str)
         if len(echoes_of_kind) > 1:
-            labels[key].append(f"e{echoes_of_kind.index(echo) + 1}")
+            parts.append(f"e{echoes_of_kind.index(key.echo) + 1}")
         if len(orientations) > 1:
-            labels[key].append(f"o{orientations.index(orientation) + 1}")
-        if len(set(fields[2])) > 1:
-            labels[key].append("x".join(str(s) for s in shape))
-    return {k: "_".join(v) or f"part{i + 1}" for i, (k, v) in enumerate(labels.items())}
+            parts.append(f"o{orientations.index(key.orientation) + 1}")
+        if len({k.shape for k in keys}) > 1:
+            parts.append("x".join(str(s) for s in key.shape))
+        labels[key] = "_".join(parts) or f"part{index + 1}"
+    return labels
 
 
 def _volume(stacked: Any, ds: Any, part: str, keep_phi: bool) -> Volume:
