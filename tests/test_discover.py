@@ -44,3 +44,20 @@ def test_hidden_temporaries_are_passed_over(tmp_path):
     write_series(tmp_path, shape=(4, 4, 2))
     (tmp_path / ".out.nii.gz.tmp-1").write_bytes(b"partial")
     assert all(not e.path.name.startswith(".") for e in scan_tree(tmp_path))
+
+
+def test_a_file_that_cannot_be_read_does_not_end_the_scan(tmp_path, monkeypatch):
+    import medgen.io.discover as discover
+
+    paths = write_series(tmp_path, shape=(4, 4, 3))
+    real = discover.classify_file
+
+    def flaky(path):
+        if path == paths[1]:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(discover, "classify_file", flaky)
+    entries = {e.path: e for e in scan_tree(tmp_path)}
+    assert entries[paths[1]].kind == "other" and entries[paths[1]].note == "unreadable file (Permission denied)"
+    assert [entries[p].kind for p in (paths[0], paths[2])] == ["dicom", "dicom"]

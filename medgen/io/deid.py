@@ -6,6 +6,8 @@ could be recognised by::
     <key>_s<SeriesNumber>_<SeriesDescription>[_<part>].nii.gz
 
 The key is stable (same UIDs -> same key), so reruns overwrite rather than duplicate.
+Which metadata fields count as patient-identifying is decided in one place,
+:data:`medgen.io.sidecar.PHI_KEYS`.
 """
 
 from __future__ import annotations
@@ -13,36 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Mapping
 from typing import Any
-
-# DICOM keywords that identify a patient (or could, together with a date). They are kept
-# out of names, sidecars and the manifest unless the user asks for ``keep_phi``.
-PHI_KEYS: frozenset[str] = frozenset(
-    {
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientBirthTime",
-        "PatientSex",
-        "PatientAge",
-        "PatientAddress",
-        "PatientTelephoneNumbers",
-        "PatientMotherBirthName",
-        "OtherPatientIDs",
-        "OtherPatientIDsSequence",
-        "OtherPatientNames",
-        "IssuerOfPatientID",
-        "MedicalRecordLocator",
-        "AccessionNumber",
-        "InstitutionName",
-        "InstitutionAddress",
-        "ReferringPhysicianName",
-        "PerformingPhysicianName",
-        "OperatorsName",
-        "StudyID",
-    }
-)
 
 KEY_LENGTH = 12
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")
@@ -135,17 +108,6 @@ def output_stem(
     if part is not None and str(part) != "":
         pieces.append(safe_name(part, max_len=16, empty="part"))
     return "_".join(pieces)
-
-
-def scrub(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``mapping`` without the keys in :data:`PHI_KEYS` (top level only).
-
-    Examples
-    --------
-    >>> scrub({"PatientName": "DOE^JANE", "EchoTime": 30.0})
-    {'EchoTime': 30.0}
-    """
-    return {k: v for k, v in mapping.items() if k not in PHI_KEYS}
 
 
 def _series_number(value: Any) -> int:

@@ -57,7 +57,16 @@ def scan_tree(root: str | Path) -> Iterator[FileEntry]:
                 continue
             path = Path(folder) / name
             if path.is_file() and not path.is_symlink():
-                yield classify_file(path)
+                yield _classify_or_note(path)
+
+
+def _classify_or_note(path: Path) -> FileEntry:
+    """One unreadable file (permissions, vanished mid-scan) must not end the whole scan."""
+    try:
+        return classify_file(path)
+    except OSError as exc:
+        return FileEntry(path=path, kind="other", size=0, mtime_ns=0,
+                         note=f"unreadable file ({exc.strerror or type(exc).__name__})")
 
 
 def classify_file(path: Path) -> FileEntry:

@@ -1,0 +1,146 @@
+"""The ``medgen`` command line.
+
+Each command is a few lines: parse options, call one stage function, print its summary,
+exit with its status. Stages are imported inside the commands, so ``medgen --help`` and
+``medgen ingest`` never load torch or MONAI.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from medgen.stages.ingest import IngestSummary
+
+EXIT_STATUS_HELP = (
+    "Exit status: 0 every image series converted (or already up to date); "
+    "1 an unusable input or output folder; 2 a usage error; "
+    "3 some files or series quarantined (see the summary); "
+    "4 nothing usable found."
+)
+
+app = typer.Typer(
+    name="medgen",
+    help="Medical image enhancement and synthesis: ingest scans, train, enhance, evaluate.",
+    epilog=EXIT_STATUS_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    # Locals of a failing frame may hold patient data: never print them.
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from medgen import __version__
+
+        typer.echo(f"medgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Medical image enhancement and synthesis: ingest scans, train, enhance, evaluate."""
+
+
+@app.command(epilog=EXIT_STATUS_HELP)
+def ingest(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            file_okay=False,
+            dir_okay=True,
+            metavar="SRC",
+            help="Folder of scans, searched recursively.",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            file_okay=False,
+            metavar="DST",
+            help="Output folder (NIfTI, sidecars, manifest).",
+        ),
+    ],
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", min=1, help="Series converted in parallel processes.")
+    ] = 1,
+    keep_phi: Annotated[
+        bool,
+        typer.Option("--keep-phi", help="Keep patient name, ID and birth date in the sidecars."),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or summary; problems only.")
+    ] = False,
+) -> None:
+    """Convert every DICOM series, NIfTI and NRRD/MHA file under SRC to NIfTI + JSON.
+
+    Reruns only convert what is new or changed (see OUT/manifest.sqlite); a run that was
+    stopped resumes where it left off. Files that cannot be used are reported, one line
+    each, and do not stop the rest. Input files are never modified.
+    """
+    from medgen.stages.ingest import ingest as run_ingest
+
+    summary = run_ingest(src, out, workers=workers, keep_phi=keep_phi, progress=not quiet)
+    _print_ingest_summary(summary, quiet=quiet)
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_ingest_summary(summary: IngestSummary, *, quiet: bool) -> None:
+    """A table of what happened, then one line per quarantined file or series."""
+    from rich.console import Console
+    from rich.table import Table
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if not quiet:
+        out = Console(highlight=False, soft_wrap=True)
+        table = Table(
+            title=f"medgen ingest -> {summary.dst}", show_header=False, title_justify="left"
+        )
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        table.add_row("volumes written", str(len(summary.volumes_written)))
+        table.add_row(
+            "series unchanged", f"{summary.series_unchanged} ({summary.volumes_unchanged} volumes)"
+        )
+        table.add_row("series quarantined", str(summary.series_quarantined))
+        table.add_row("files skipped", str(len(summary.skipped)))
+        for what, n in summary.skipped_by_kind().items():
+            table.add_row(f"  {what}", str(n), style="dim")
+        out.print(table)
+        for note in summary.notes:
+            out.print(f"note: {note}", markup=False)
+    for path, reason in summary.quarantined:
+        err.print(f"quarantined: {path}: {reason}", markup=False)
+    if summary.exit_code == 4:
+        err.print(f"nothing usable found in {summary.src}", markup=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app; bad input ends in one line, not a traceback."""
+    # Importing MONAI imports MLflow, which would otherwise send telemetry.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from medgen.errors import MedgenError
+
+    try:
+        app(args=argv, prog_name="medgen")
+    except MedgenError as exc:
+        print(f"medgen: error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,216 @@
+"""Ingest, step 2: convert series, in worker processes or inline.
+
+A worker reads one series, writes each volume as ``.nii.gz`` plus a ``.json`` sidecar
+(both atomically, straight to their final names in DST) and returns what it wrote. It
+never touches the manifest and never raises for bad input: the parent records results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medgen.errors import InputError
+from medgen.io.deid import output_stem, safe_name
+from medgen.stages.ingest_plan import SeriesTask, relative_posix
+
+
+@dataclass
+class TaskResult:
+    """What converting one :class:`SeriesTask` gave.
+
+    Attributes
+    ----------
+    outputs : list of (name, size_bytes)
+        Files written, names relative to DST (volumes and their sidecars).
+    volumes : list of str
+        The ``.nii.gz`` names among ``outputs``.
+    file_fates : list of (path, fate, detail)
+        Per input file (relative to SRC): ``converted`` -> output names, ``quarantined`` ->
+        reason.
+    error : str or None
+        Why the whole series gave nothing; ``error_path`` (relative to SRC) is the file
+        the reason refers to.
+    transient : bool
+        The failure may not happen again (out of memory, a crashed process, an unexpected
+        error): the next run retries the series even if its files are unchanged.
+    fatal : str or None
+        Outputs cannot be written at all (disk full, no permission): the run must stop.
+    """
+
+    key: str
+    outputs: list[tuple[str, int]] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+    file_fates: list[tuple[str, str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    error_path: str | None = None
+    transient: bool = False
+    fatal: str | None = None
+
+
+class _OutputError(Exception):
+    """Writing to DST failed: not the input's fault, so not a reason to quarantine."""
+
+
+def convert_task(task: SeriesTask) -> TaskResult:
+    """Convert one series; bad input becomes ``TaskResult.error``, never an exception."""
+    try:
+        return _convert(task)
+    except InputError as exc:
+        return _failed(task, exc.reason, exc.path)
+    except _OutputError as exc:
+        return TaskResult(task.key, error=str(exc), fatal=str(exc))
+    except MemoryError:
+        return _failed(task, "out of memory while converting", None, transient=True)
+    except Exception as exc:  # noqa: BLE001 - one broken series must not stop the archive
+        return _failed(task, f"conversion failed ({_one_line(exc)})", None, transient=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _convert(task: SeriesTask) -> TaskResult:
+    src, dst = Path(task.src), Path(task.dst)
+    result = TaskResult(task.key)
+    if task.kind == "dicom":
+        from medgen.io.dicom_reader import read_dicom_series
+
+        series = read_dicom_series([Path(p) for p in task.files], keep_phi=task.keep_phi)
+        volumes, rejected, result.notes = series.volumes, series.rejected, list(series.notes)
+    else:
+        from medgen.io import load
+
+        loaded = load(task.files[0])
+        volumes = loaded if isinstance(loaded, list) else [loaded]
+        rejected = []
+    rel_of = {os.path.realpath(p): r for p, r in zip(task.files, task.rel_files, strict=True)}
+    used: dict[str, list[str]] = {}
+    stems: set[str] = set()
+    for index, volume in enumerate(volumes):
+        stem = _unique(_stem_for(task, volume, index, len(volumes)), stems)
+        sources = [
+            rel_of.get(os.path.realpath(p), relative_posix(p, src))
+            for p in volume.meta.source_files
+        ]
+        volume.meta.series_key = task.key
+        # Paths relative to SRC: portable, and no folder names that might identify a patient.
+        volume.meta.source_files = tuple(sources)
+        try:
+            names = _write_volume(volume, dst, stem, task.keep_phi)
+        except OSError as exc:
+            raise _OutputError(f"cannot write {stem} to {dst} ({_one_line(exc)})") from exc
+        result.outputs.extend((n, (dst / n).stat().st_size) for n in names)
+        result.volumes.append(names[0])
+        for rel in sources:
+            used.setdefault(rel, []).append(names[0])
+    for path, reason in rejected:
+        rel = rel_of.get(os.path.realpath(path), relative_posix(path, src))
+        result.file_fates.append((rel, "quarantined", reason))
+    for rel, names in used.items():
+        result.file_fates.append((rel, "converted", ", ".join(names)))
+    return result
+
+
+def _stem_for(task: SeriesTask, volume, index: int, n_volumes: int) -> str:
+    acq = volume.meta.acquisition or {}
+    if task.kind == "dicom":
+        part = acq.get("VolumePart") or (str(index + 1) if n_volumes > 1 else None)
+        return output_stem(task.key, acq.get("SeriesNumber"), acq.get("SeriesDescription"), part)
+    name = Path(task.rel_files[0]).name
+    for suffix in (".nii.gz", ".nii", ".hdr", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    stem = f"{task.key}_{safe_name(name, empty=task.kind)}"
+    return stem if n_volumes == 1 else f"{stem}_{index + 1}"
+
+
+def _unique(stem: str, taken: set[str]) -> str:
+    candidate, n = stem, 2
+    while candidate in taken:
+        candidate, n = f"{stem}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _write_volume(volume, dst: Path, stem: str, keep_phi: bool) -> list[str]:
+    """Write ``<stem>.nii.gz`` and ``<stem>.json``; return their names (volume first)."""
+    from medgen.io.nifti import write_nifti
+    from medgen.io.sidecar import write_sidecar
+
+    nifti_name, sidecar_name = f"{stem}.nii.gz", f"{stem}.json"
+    write_nifti(volume, dst / nifti_name)
+    write_sidecar(volume, dst / sidecar_name, keep_phi=keep_phi)
+    return [nifti_name, sidecar_name]
+
+
+def _failed(
+    task: SeriesTask, reason: str, path: str | Path | None, *, transient: bool = False
+) -> TaskResult:
+    rel = None
+    if path is not None:
+        real = os.path.realpath(path)
+        by_real = {os.path.realpath(p): r for p, r in zip(task.files, task.rel_files, strict=True)}
+        rel = by_real.get(real) or relative_posix(real, Path(task.src))
+    return TaskResult(
+        task.key, error=reason, error_path=rel or task.rel_files[0], transient=transient
+    )
+
+
+# -- running many tasks -------------------------------------------------------------------
+
+
+def run_tasks(
+    tasks: Sequence[SeriesTask],
+    workers: int,
+    convert: Callable[[SeriesTask], TaskResult] = convert_task,
+) -> Iterator[tuple[SeriesTask, TaskResult]]:
+    """Yield ``(task, result)`` as each task finishes, converting ``workers`` at a time.
+
+    ``workers == 1`` converts inline, in this process. Otherwise a process pool does the
+    work; if a worker process dies (killed for memory, a crash in a decoder), the tasks it
+    took down are retried one at a time in a fresh process and the one that kills it again
+    is reported as failed, while the others carry on.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield task, convert(task)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    # "spawn": workers start clean; forking a parent that runs a progress thread can hang.
+    context = multiprocessing.get_context("spawn")
+    retry: list[SeriesTask] = []
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context)
+    try:
+        futures = {pool.submit(convert, task): task for task in tasks}
+        for future in as_completed(futures):
+            task = futures[future]
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                retry.append(task)
+                continue
+            except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be pickled
+                result = _failed(
+                    task, f"conversion failed ({_one_line(exc)})", None, transient=True
+                )
+            yield task, result
+    finally:
+        # On Ctrl-C or a closed generator, drop the queued work instead of finishing it.
+        pool.shutdown(wait=True, cancel_futures=True)
+    for task in retry:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as single:
+            try:
+                result = single.submit(convert, task).result()
+            except BrokenProcessPool:
+                reason = "the converter process died (out of memory or a crash)"
+                result = _failed(task, reason, None, transient=True)
+        yield task, result
