@@ -121,6 +121,8 @@ def _stem_for(task: SeriesTask, volume, index: int, n_volumes: int) -> str:
     if task.kind == "dicom":
         part = acq.get("VolumePart") or (str(index + 1) if n_volumes > 1 else None)
         return output_stem(task.key, acq.get("SeriesNumber"), acq.get("SeriesDescription"), part)
+    if not task.keep_phi:  # file names are often patient names: only the key by default
+        return task.key if n_volumes == 1 else f"{task.key}_{index + 1}"
     name = Path(task.rel_files[0]).name
     for suffix in (".nii.gz", ".nii", ".hdr", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
