@@ -14,10 +14,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "fsync_file", "replace_into", "staging_dir"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "fsync_file",
+    "replace_into",
+    "staging_dir",
+    "temp_name",
+]
 
 
-def _temp_name(path: Path) -> Path:
+def temp_name(path: Path) -> Path:
+    """A hidden sibling name: ``dir/.name.tmp-<pid>-<8 hex>``."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
@@ -73,7 +81,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         yield tmp
         if not tmp.exists():
@@ -97,9 +105,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     b'abc'
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
     return path
 
 
@@ -113,7 +120,7 @@ def staging_dir(parent: str | Path, name: str = "staging") -> Iterator[Path]:
     """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(parent / name)
+    tmp = temp_name(parent / name)
     tmp.mkdir()
     try:
         yield tmp
