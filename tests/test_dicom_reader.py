@@ -185,3 +185,20 @@ def test_series_sharing_a_uid_are_told_apart_by_series_number(shared_data):
     assert len(result.volumes) == 9 and not result.rejected
     parts = sorted(v.meta.acquisition["VolumePart"] for v in result.volumes)
     assert parts == sorted(f"s{n}" for n in range(1, 10))
+
+
+def test_derived_series_written_by_medgen_reads_back_identically(tmp_path):
+    from medgen import Volume, VolumeMeta
+    from medgen.io.dicom_writer import write_dicom_series
+
+    rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.6, 0.8, 2.5])
+    affine[:3, 3] = (12.0, -30.0, 5.0)
+    stored = np.random.default_rng(1).integers(0, 3000, size=(10, 12, 7)).astype(np.int16)
+    volume = Volume(stored, affine, VolumeMeta(modality="CT", units="HU"), slope=1.0, intercept=-1024.0)
+    paths = write_dicom_series(volume, tmp_path / "derived")
+    back = read_dicom_series(paths).volumes[0]
+    np.testing.assert_allclose(back.values(), volume.values())
+    assert np.abs(back.affine - affine).max() < 1e-4
+    assert "DERIVED" in back.meta.acquisition["ImageType"]
