@@ -1,0 +1,1 @@
+"""Classical baselines that learned models are compared with: denoising and super-resolution."""
