@@ -109,20 +109,29 @@ def dev_cases() -> list[Case]:
 
 
 def generated_ct_case(n_slices: int) -> Case:
-    """A 512x512 CT head phantom in HU, written once as an ORIGINAL series and cached."""
-    from medgen.samples import ct_head_phantom
-    from medgen.volume import Volume, VolumeMeta
+    """A 512x512 CT head phantom in HU, written once as an ORIGINAL series and cached.
 
-    hu, affine = ct_head_phantom((512, 512, n_slices), (0.45, 0.45, 0.625), seed=7)
-    stored = (hu.astype(np.int32) + 1024).astype(np.int16)
-    folder = CACHE / f"ct512x512x{n_slices}"
-    if not folder.is_dir():
+    The cache is keyed by the phantom code's hash, and keeps the reference as NIfTI beside
+    the series, so later runs neither regenerate the phantom nor compare to a stale one.
+    """
+    import hashlib
+
+    import medgen.samples
+
+    version = hashlib.sha256(Path(medgen.samples.__file__).read_bytes()).hexdigest()[:10]
+    folder = CACHE / f"ct512x512x{n_slices}-{version}"
+    series, reference = folder / "series", folder / "reference.nii"
+    if not reference.is_file():
         from medgen.io.dicom_writer import write_dicom_series
+        from medgen.volume import Volume, VolumeMeta
 
+        hu, affine = medgen.samples.ct_head_phantom((512, 512, n_slices), (0.45, 0.45, 0.625), seed=7)
+        stored = (hu.astype(np.int32) + 1024).astype(np.int16)
         volume = Volume(stored, affine, VolumeMeta(modality="CT", units="HU"), 1.0, -1024.0)
-        write_dicom_series(volume, folder, image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        write_dicom_series(volume, series, image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
                            series_description="bench CT", uid_seed=f"bench-{n_slices}", overwrite=True)
-    return Case(f"CT 512x512x{n_slices}", folder, [ras(hu.astype(np.float64), affine)])
+        nib.save(nib.Nifti1Image(hu, affine), reference)
+    return Case(f"CT 512x512x{n_slices}", series, [load_ras(reference)])
 
 
 def load_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:
