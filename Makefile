@@ -25,7 +25,7 @@ samples: setup
 	$(PY) data_samples/make_samples.py
 
 demo: setup
-	$(PY) pipelines/demo.py
+	$(VENV)/bin/medgen run pipelines/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q

@@ -133,6 +133,38 @@ def _print_ingest_summary(summary: IngestSummary, *, quiet: bool) -> None:
         err.print(f"nothing usable found in {summary.src}", markup=False)
 
 
+@app.command("run")
+def run_pipeline_command(
+    pipeline: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, metavar="PIPELINE.yaml", help="Pipeline file.")
+    ],
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="MLflow URI (default: sqlite:///mlflow.db here).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run the stages of PIPELINE.yaml in order, under one MLflow parent run."""
+    from medgen.pipeline import run_pipeline
+    from medgen.stages.pipeline_report import print_stage
+
+    result = run_pipeline(pipeline, tracking_uri=tracking_uri, progress=not quiet, on_stage=print_stage)
+    from medgen.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    typer.echo(f"\npipeline '{result.name}' done: MLflow parent run {result.run_id}")
+    typer.echo(f"open the MLflow UI with:  mlflow ui --backend-store-uri {uri}")
+
+
+def _register_enhancement_commands() -> None:
+    """train / enhance / evaluate / degrade: their options live beside their stages."""
+    from medgen.stages.enhance_cli import register
+
+    register(app)
+
+
+_register_enhancement_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app; bad input ends in one line, not a traceback."""
     # Importing MONAI imports MLflow, which would otherwise send telemetry.

@@ -1,0 +1,30 @@
+"""What ``medgen run`` prints after each stage: one or two lines, the metrics as a table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def print_stage(kind: str, result: Any) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    if kind == "ingest":
+        console.print(f"[bold]ingest[/bold]: {len(result.volumes_written)} volumes written, "
+                      f"{result.series_unchanged} series unchanged, {result.series_quarantined} quarantined")
+    elif kind == "train":
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.val_metrics.items()))
+        console.print(f"[bold]train[/bold]: {result.steps_done} steps in {result.seconds:.0f} s -> "
+                      f"{result.model_path} {metrics}")
+    elif kind == "enhance":
+        console.print(f"[bold]enhance[/bold]: {result.output} in {result.seconds_total:.1f} s "
+                      f"({result.voxels_per_second:,.0f} voxels/s on {result.device})")
+    elif kind == "baseline":
+        console.print(f"[bold]baseline[/bold] {result.method}: {result.output} in {result.seconds:.1f} s")
+    elif kind == "degrade":
+        console.print(f"[bold]degrade[/bold]: {getattr(result, 'output', result)}")
+    elif kind == "evaluate":
+        console.print(result.table())
+    elif kind == "export":
+        picture = f", montage {result.montage}" if result.montage else ""
+        console.print(f"[bold]export[/bold]: {len(result.dicom_files)} DICOM files{picture}")
