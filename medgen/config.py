@@ -1,0 +1,370 @@
+"""Typed configuration for training and enhancement pipelines, read from YAML.
+
+A config holds values, never code. Every section forbids unknown keys, so a typo stops the
+run before any work with one line naming the file and the dotted key::
+
+    pipelines/denoise.yaml: training.stpes: unknown key (did you mean 'steps'?)
+
+Sections
+--------
+``model``        which network (:class:`ModelConfig`), built by :func:`medgen.models.build_model`.
+``training``     optimiser, schedule, checkpoints (:class:`TrainingConfig`).
+``degradations`` the list of degradations that turn a clean patch into the network's input
+                 (:class:`DegradationConfig`), applied in order.
+``data``         the clean training/validation scans and the intensity normalisation.
+
+Examples
+--------
+>>> cfg = PipelineConfig.model_validate({"name": "demo", "model": {"kind": "unet"}})
+>>> cfg.training.steps, cfg.model.unet.features
+(1000, [8, 8, 16, 32, 64, 8])
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medgen.errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DegradationConfig",
+    "DiffusionConfig",
+    "DiscriminatorConfig",
+    "LossConfig",
+    "ModelConfig",
+    "NormalisationConfig",
+    "PipelineConfig",
+    "TrainingConfig",
+    "UNetConfig",
+    "config_from_json",
+    "config_to_json",
+    "format_validation_error",
+    "load_config",
+]
+
+ModelKind = Literal["unet", "gan", "diffusion"]
+Task = Literal["denoise", "super_resolution"]
+NormMode = Literal["percentile", "fixed"]
+LrSchedule = Literal["constant", "cosine"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+BetaSchedule = Literal["linear_beta", "scaled_linear_beta", "cosine"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+DiffusionTarget = Literal["residual", "image"]
+UpsampleMode = Literal["deconv", "nontrainable", "pixelshuffle"]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Triple = Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
+ParamValue = float | int | bool | str | list[float]
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class UNetConfig(_Section):
+    """MONAI ``BasicUNet`` used as a residual generator: ``output = input + net(input)``."""
+
+    features: Annotated[list[PositiveInt], Field(min_length=6, max_length=6)] = [8, 8, 16, 32, 64, 8]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    upsample: UpsampleMode = "deconv"
+
+
+class DiscriminatorConfig(_Section):
+    """MONAI ``PatchDiscriminator`` for the GAN."""
+
+    channels: PositiveInt = 8
+    num_layers_d: PositiveInt = 2
+
+
+class DiffusionConfig(_Section):
+    """MONAI ``DiffusionModelUNet`` conditioned on the degraded image (an extra input channel)."""
+
+    channels: Annotated[list[PositiveInt], Field(min_length=1)] = [16, 32, 32]
+    attention_levels: list[bool] = [False, False, False]
+    num_res_blocks: PositiveInt = 1
+    norm_num_groups: PositiveInt = 8
+    num_train_timesteps: PositiveInt = 1000
+    schedule: BetaSchedule = "scaled_linear_beta"
+    prediction_type: PredictionType = "v_prediction"
+    target: DiffusionTarget = "residual"
+    target_scale: float = Field(1.0, gt=0.0)
+    sampling_steps: Annotated[int, Field(gt=0, le=20)] = 10
+    n_samples: PositiveInt = 4
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> DiffusionConfig:
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError(
+                f"`attention_levels` needs one entry per level of `channels` "
+                f"({len(self.channels)}), got {len(self.attention_levels)}"
+            )
+        for c in self.channels:
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"every entry of `channels` must be a multiple of `norm_num_groups` "
+                    f"({self.norm_num_groups}), got {c}"
+                )
+        return self
+
+
+class ModelConfig(_Section):
+    """Which network enhances a volume.
+
+    ``upsample_factor`` (per voxel axis i, j, k) is the grid refinement applied to the input
+    before the network for super-resolution; ``[1, 1, 1]`` for denoising.
+    """
+
+    kind: ModelKind = "unet"
+    task: Task = "denoise"
+    noise_conditioning: bool = False
+    upsample_factor: Triple = [1, 1, 1]
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+
+
+class LossConfig(_Section):
+    """Weights of the loss terms (0 switches a term off)."""
+
+    l1: float = Field(1.0, ge=0.0)
+    ssim: float = Field(0.0, ge=0.0)
+    adversarial: float = Field(0.01, ge=0.0)
+
+
+class TrainingConfig(_Section):
+    """Optimisation, checkpoints and logging."""
+
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 2
+    lr: float = Field(2e-4, gt=0.0)
+    discriminator_lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: LrSchedule = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip_norm: float | None = Field(1.0, gt=0.0)
+    ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)
+    amp: bool = True
+    checkpoint_every: PositiveInt = 100
+    log_every: PositiveInt = 10
+    val_every: PositiveInt = 200
+    seed: int = 0
+    device: DeviceName = "auto"
+    out_dir: Path = Path("runs")
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+
+class DegradationConfig(_Section):
+    """One degradation from :mod:`medgen.data.degrade`, by name, with its parameters.
+
+    Parameters carry their units in their names (``sigma_fraction``, ``dose_fraction``,
+    ``factor``); a ``[low, high]`` list asks the random variant to draw from that range.
+    """
+
+    name: str
+    params: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> DegradationConfig:
+        # Build the random transform once so that a typo in a name or parameter stops the
+        # run at load time (with the degradation layer's "did you mean ...?" message).
+        import importlib.util
+
+        if importlib.util.find_spec("medgen.data.degrade") is None:
+            return self  # degradation layer not installed: checked when training starts
+        from medgen.data.degrade_base import RandomDegradation
+
+        RandomDegradation(self.name, seed=0, **self.params)
+        return self
+
+
+class NormalisationConfig(_Section):
+    """Map physical values to the network's range: ``(x - offset) / scale``.
+
+    ``percentile``: offset and scale from the ``lower``/``upper`` percentiles of each volume.
+    ``fixed``: offset = ``lower``, scale = ``upper - lower`` in physical units (e.g. HU).
+    """
+
+    mode: NormMode = "percentile"
+    lower: float = 0.5
+    upper: float = 99.5
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NormalisationConfig:
+        if not self.upper > self.lower:
+            raise ValueError(f"`upper` must be > `lower` ({self.lower}), got {self.upper}")
+        if self.mode == "percentile" and not (0.0 <= self.lower and self.upper <= 100.0):
+            raise ValueError(f"percentiles must lie in [0, 100], got lower={self.lower}, upper={self.upper}")
+        return self
+
+
+class DataConfig(_Section):
+    """Clean scans for training and validation (NIfTI files or DICOM folders, globs allowed).
+
+    Relative paths are resolved against the folder of the config file.
+    """
+
+    train: list[str] = []
+    val: list[str] = []
+    patch_size_vox: Triple = [32, 32, 32]
+    normalisation: NormalisationConfig = Field(default_factory=NormalisationConfig)
+    foreground_only: bool = True
+
+
+class PipelineConfig(_Section):
+    """A whole training pipeline: the root of a config file."""
+
+    name: str = "medgen"
+    experiment: str = "medgen"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    degradations: list[DegradationConfig] = Field(default_factory=list)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @field_validator("name", "experiment")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty string")
+        return value
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """``('training', 'loss', 'l1')`` -> ``'training.loss.l1'`` (list indices included)."""
+    return ".".join(str(part) for part in loc) if loc else "<root>"
+
+
+def _section_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of ``loc`` (to suggest close key names)."""
+    model: type[BaseModel] | None = PipelineConfig
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One readable line for one pydantic error: the key and what was expected."""
+    loc = tuple(error.get("loc", ()))
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        owner = _section_for(loc)
+        hint = ""
+        if owner is not None and loc:
+            close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1)
+            if close:
+                hint = f" (did you mean '{close[0]}'?)"
+        return f"{_dotted(loc)}: unknown key{hint}"
+    if kind == "missing":
+        return f"{_dotted(loc)}: required key is missing"
+    message = str(error.get("msg", "invalid value"))
+    if kind == "value_error":  # our own validators already say what they got
+        return f"{_dotted(loc)}: {message.removeprefix('Value error, ')}"
+    message = message[:1].lower() + message[1:]
+    shown = repr(error.get("input"))
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{_dotted(loc)}: {message}, got {shown}"
+
+
+def format_validation_error(source: str | Path, exc: ValidationError) -> str:
+    """``"<file>: <dotted.key>: <what was expected>"`` for the first error, on one line."""
+    errors = exc.errors()
+    line = f"{source}: {_describe(errors[0])}"
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more)"
+    return line
+
+
+def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
+    """Make ``data.train``/``data.val`` and ``training.out_dir`` absolute against ``base_dir``."""
+
+    def resolve(entry: str) -> str:
+        p = Path(entry).expanduser()
+        return str(p if p.is_absolute() else (base_dir / p))
+
+    data = cfg.data.model_copy(
+        update={"train": [resolve(e) for e in cfg.data.train], "val": [resolve(e) for e in cfg.data.val]}
+    )
+    out_dir = cfg.training.out_dir.expanduser()
+    training = cfg.training.model_copy(
+        update={"out_dir": out_dir if out_dir.is_absolute() else base_dir / out_dir}
+    )
+    return cfg.model_copy(update={"data": data, "training": training})
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline YAML file.
+
+    Parameters
+    ----------
+    path : str or Path
+        A YAML mapping with the sections of :class:`PipelineConfig`.
+
+    Returns
+    -------
+    PipelineConfig
+        Relative data paths and ``training.out_dir`` are resolved against the file's folder.
+
+    Raises
+    ------
+    ConfigError
+        One line ``"<file>: <dotted.key>: <what was expected>"`` for an unknown key or a value
+        of the wrong type; also for a missing or unparsable file.
+    """
+    import yaml  # lazy: keeps `import medgen.config` cheap
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: <root>: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from None
+    return _resolve_paths(cfg, path.resolve().parent)
+
+
+def config_to_json(cfg: PipelineConfig) -> str:
+    """The config as a JSON string (how checkpoints and MLflow store it)."""
+    return cfg.model_dump_json()
+
+
+def config_from_json(text: str | dict[str, Any], source: str = "<checkpoint>") -> PipelineConfig:
+    """Rebuild a :class:`PipelineConfig` stored by :func:`config_to_json` (or its dict)."""
+    try:
+        data = json.loads(text) if isinstance(text, str) else text
+        return PipelineConfig.model_validate(data)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: stored config is not valid JSON ({exc.msg})") from None
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None

@@ -1,0 +1,86 @@
+"""Build networks from :class:`medgen.config.ModelConfig`: one builder per model kind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from medgen.config import ModelConfig, PipelineConfig
+
+MODEL_KINDS = ("unet", "gan", "diffusion")
+
+
+def _residual_unet(cfg: ModelConfig) -> nn.Module:
+    from medgen.models.unet import ResidualUNet
+
+    return ResidualUNet(
+        features=tuple(cfg.unet.features),
+        noise_conditioning=cfg.noise_conditioning,
+        dropout=cfg.unet.dropout,
+        upsample=cfg.unet.upsample,
+    )
+
+
+def _diffusion(cfg: ModelConfig) -> nn.Module:
+    from medgen.models.diffusion import ConditionalDiffusionUNet
+
+    d = cfg.diffusion
+    return ConditionalDiffusionUNet(
+        channels=tuple(d.channels),
+        attention_levels=tuple(d.attention_levels),
+        num_res_blocks=d.num_res_blocks,
+        norm_num_groups=d.norm_num_groups,
+        noise_conditioning=cfg.noise_conditioning,
+        target=d.target,
+        prediction_type=d.prediction_type,
+    )
+
+
+# The GAN's generator is the supervised residual U-Net; its critic is built separately.
+_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "unet": _residual_unet,
+    "gan": _residual_unet,
+    "diffusion": _diffusion,
+}
+
+
+def _model_section(cfg: ModelConfig | PipelineConfig) -> ModelConfig:
+    return cfg.model if isinstance(cfg, PipelineConfig) else cfg
+
+
+def build_model(cfg: ModelConfig | PipelineConfig) -> nn.Module:
+    """The network that enhances a volume, freshly initialised.
+
+    Parameters
+    ----------
+    cfg : ModelConfig or PipelineConfig
+
+    Returns
+    -------
+    torch.nn.Module
+        ``unet``/``gan``: :class:`~medgen.models.unet.ResidualUNet`;
+        ``diffusion``: :class:`~medgen.models.diffusion.ConditionalDiffusionUNet`.
+    """
+    model_cfg = _model_section(cfg)
+    return _BUILDERS[model_cfg.kind](model_cfg)
+
+
+def build_discriminator(cfg: ModelConfig | PipelineConfig) -> nn.Module:
+    """MONAI ``PatchDiscriminator`` judging ``(B, 1, D, H, W)`` patches, for ``kind: gan``."""
+    from monai.networks.nets import PatchDiscriminator  # lazy: MONAI is heavy to import
+
+    d = _model_section(cfg).discriminator
+    return PatchDiscriminator(
+        spatial_dims=3,
+        channels=d.channels,
+        in_channels=1,
+        out_channels=1,
+        num_layers_d=d.num_layers_d,
+        norm="INSTANCE",
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
