@@ -202,3 +202,33 @@ def test_derived_series_written_by_medgen_reads_back_identically(tmp_path):
     np.testing.assert_allclose(back.values(), volume.values())
     assert np.abs(back.affine - affine).max() < 1e-4
     assert "DERIVED" in back.meta.acquisition["ImageType"]
+
+
+def test_compressed_pixel_data_split_over_many_fragments(shared_data, tmp_path):
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_fragments, generate_frames
+
+    source = pydicom.dcmread(shared_data / "dicom" / "dcm_qa_ts" / "In" / "7.dcm")  # JPEG-LS
+    (frame,) = list(generate_frames(source.PixelData, number_of_frames=1))
+    source.PixelData = encapsulate([frame], fragments_per_frame=5)
+    source["PixelData"].is_undefined_length = True
+    source.save_as(tmp_path / "fragmented.dcm")
+    stored = pydicom.dcmread(tmp_path / "fragmented.dcm").PixelData
+    assert len(list(generate_fragments(stored))) == 6  # the offset table item, then 5 fragments
+    volume = read_dicom_series([tmp_path / "fragmented.dcm"]).volumes[0]
+    assert_matches_reference(volume, shared_data / "dicom" / "dcm_qa_ts" / "Ref" / "7.nii")
+
+
+def test_deflated_transfer_syntax(tmp_path):
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    paths = write_series(tmp_path / "plain", shape=(6, 5, 4))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(tmp_path / path.name, enforce_file_format=True)
+    deflated = [tmp_path / p.name for p in paths]
+    assert pydicom.dcmread(deflated[0]).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    volume = read_dicom_series(deflated).volumes[0]
+    np.testing.assert_array_equal(volume.array, voxel_pattern(6, 5, 4).transpose(1, 0, 2))
