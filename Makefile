@@ -9,14 +9,16 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 setup: $(VENV)/.installed
 
-# torch first: a CPU build where there is no NVIDIA GPU, so pip never pulls GBs of CUDA wheels.
+# torch first: a CPU build where there is no NVIDIA GPU, so pip never pulls GBs of CUDA wheels
+# (a local CPU wheel when pip's find-links has one, else PyTorch's CPU index).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		$(PIP) install -q "torch>=2.8"; \
+	elif $(PIP) install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null; then \
+		$(PIP) install -q "torch==2.13.0"; \
 	else \
-		$(PIP) install -q --no-index "torch==2.13.0" 2>/dev/null \
-		|| $(PIP) install -q "torch>=2.8" --index-url https://download.pytorch.org/whl/cpu; \
+		$(PIP) install -q "torch>=2.8" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install -q -e ".[test]"
 	@touch $@
