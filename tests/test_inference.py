@@ -16,17 +16,10 @@ from medgen.inference.loading import LoadedModel, load_model
 from medgen.inference.sliding import WindowPlan, plan_windows, sliding_window_predict
 from medgen.models import build_model
 from medgen.volume import Volume, VolumeMeta
+from tests.torch_helpers import TINY_UNET, one_torch_thread  # noqa: F401 (fixture)
 
-TINY_UNET = {"features": [4, 4, 8, 8, 16, 4]}
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors on shared cores: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class AddOne(torch.nn.Module):

@@ -14,19 +14,12 @@ import torch
 from medgen.config import ModelConfig, PipelineConfig
 from medgen.models import build_discriminator, build_model, count_parameters
 from medgen.models.unet import noise_channel
+from tests.torch_helpers import TINY_UNET, TINY_DIFFUSION, one_torch_thread  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_UNET = {"features": [4, 4, 8, 8, 16, 4]}
-TINY_DIFFUSION = {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors on shared cores: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_residual_unet_starts_as_identity_and_adds_its_output():

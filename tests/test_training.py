@@ -21,18 +21,10 @@ from medgen.training.checkpoint import capture_rng_state, load_checkpoint, resto
 from medgen.training.objectives import AdversarialObjective, DiffusionObjective, SupervisedObjective
 from medgen.training.trainer import LAST_CHECKPOINT, Trainer
 from medgen.volume import Volume
-
-TINY_UNET = {"features": [4, 4, 8, 8, 16, 4]}
-TINY_DIFFUSION = {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 4}
+from tests.torch_helpers import TINY_UNET, TINY_DIFFUSION, one_torch_thread  # noqa: F401 (fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors on shared cores: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SyntheticPairs:

@@ -319,10 +319,15 @@ class RandomGaussianNoise(RandomDegradation):
         sigma_fraction_range: tuple[float, float] | None = None,
         seed: int | None = None,
     ) -> None:
-        params = {"sigma": sigma_range} if sigma_range is not None else {}
-        if sigma_fraction_range is not None:
-            params["sigma_fraction"] = sigma_fraction_range
-        super().__init__(GaussianNoise, seed=seed, **_as_ranges(params))
+        super().__init__(GaussianNoise, seed=seed, **_sigma_ranges(sigma_range, sigma_fraction_range))
+
+
+def _sigma_ranges(sigma_range, sigma_fraction_range) -> dict:
+    """The noise-level ranges given (absolute, or as a fraction of the intensity span)."""
+    params = {"sigma": sigma_range} if sigma_range is not None else {}
+    if sigma_fraction_range is not None:
+        params["sigma_fraction"] = sigma_fraction_range
+    return _as_ranges(params)
 
 
 class RandomRicianNoise(RandomDegradation):
@@ -335,10 +340,7 @@ class RandomRicianNoise(RandomDegradation):
         sigma_fraction_range: tuple[float, float] | None = None,
         seed: int | None = None,
     ) -> None:
-        params = {"sigma": sigma_range} if sigma_range is not None else {}
-        if sigma_fraction_range is not None:
-            params["sigma_fraction"] = sigma_fraction_range
-        super().__init__(RicianNoise, seed=seed, **_as_ranges(params))
+        super().__init__(RicianNoise, seed=seed, **_sigma_ranges(sigma_range, sigma_fraction_range))
 
 
 class RandomLowDoseCT(RandomDegradation):
