@@ -19,10 +19,16 @@ CPU through a bench-only wrapper, since medgen's AMP is CUDA-only), channels-las
 (``torch.channels_last_3d``) and ``torch.compile``. Times are medians of ``--repeats`` runs
 after ``--warmup`` runs (``torch.cuda.synchronize()`` around each run on the GPU).
 
-    python bench/enhance.py                                      # CPU, small, a few minutes
-    python bench/enhance.py --compile on --models unet            # add torch.compile rows
-    python bench/enhance.py --device cuda --volume 512x512x300    # the H200 targets
-    python bench/enhance.py --device cuda --sections e2e --markdown
+    python bench/enhance.py                                # CPU: 128x128x64 CT, a few minutes
+    python bench/enhance.py --compile on --models unet      # + torch.compile rows (slow to compile)
+    python bench/enhance.py --device cuda                   # GPU: 512x512x300, all rows
+
+On a GPU with a time limit per command, split the run (each prints its own table):
+
+    python bench/enhance.py --device cuda --sections e2e,classical --models unet
+    python bench/enhance.py --device cuda --sections train
+    python bench/enhance.py --device cuda --sections inference --models unet,gan
+    python bench/enhance.py --device cuda --sections e2e,inference --models diffusion --repeats 1
 
 Targets on an H200 for a 512x512x300 CT: supervised model end to end < 5 s, diffusion with
 <= 20 DDIM steps < 60 s, bf16 AMP >= 1.8x faster than fp32 per training step.

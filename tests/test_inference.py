@@ -322,3 +322,61 @@ def test_typer_commands_register_and_run(workspace, monkeypatch):
     assert "psnr_fg" in done.output and "same" in done.output
     done = runner.invoke(app, ["evaluate", "cli_noisy.nii.gz", "--reference", "clean0.nii.gz", "--compare", "oops"])
     assert done.exit_code == 2 and "expected NAME=PATH, got 'oops'" in done.output
+
+
+def test_enhance_adapt_reweights_a_denoiser_by_sure_and_logs_it(workspace, monkeypatch):
+    from medgen.io import load
+    from medgen.metrics.quality import psnr
+    from medgen.stages.degrade import degrade
+    from medgen.stages.enhance import enhance
+    from medgen.stages.train import train
+    from medgen.tracking import Tracker
+
+    monkeypatch.chdir(workspace)
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = train(workspace / "pipe.yaml", progress=False).model_path  # 2 steps: a weak model
+    noisy = degrade(workspace / "clean1.nii.gz", workspace / "noisy_a.nii.gz", noise="rician", sigma=0.05, seed=5)
+    plain = enhance(noisy.output, model, workspace / "plain.nii.gz", progress=False)
+    adapted = enhance(noisy.output, model, workspace / "adapted.nii.gz", adapt_seconds=5, progress=False)
+    clean = load(workspace / "clean1.nii.gz").values(np.float32)
+    r = float(np.percentile(clean, 99.5))
+    out = load(adapted.output)
+    assert out.shape == clean.shape
+    np.testing.assert_allclose(out.affine, load(plain.output).affine)
+    assert psnr(out.values(np.float32), clean, r) > psnr(load(plain.output).values(np.float32), clean, r) + 3.0
+    tracker = Tracker("stage-test", uri=uri)
+    params = tracker.get_run(adapted.run_id).data.params
+    assert params["adapt.method"] == "sure-let-rician" and params["adapt.n_extra_estimates"] == "1"
+    assert float(params["adapt.noise_sigma"]) == pytest.approx(0.05 * r, rel=0.25)  # estimated from the scan
+    assert "adapt.json" in {a.path for a in tracker.client.list_artifacts(adapted.run_id)}
+
+
+def test_enhance_adapt_trains_slice_upsampling_on_the_scan(workspace, tmp_path, monkeypatch):
+    from medgen.data.degrade import ThickSlices
+    from medgen.io import load, save
+    from medgen.stages.enhance import enhance
+    from medgen.stages.train import train
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    sr = workspace / "sr.yaml"
+    sr.write_text(
+        (workspace / "pipe.yaml").read_text()
+        .replace("noise_conditioning: true", "noise_conditioning: false, task: super_resolution, upsample_factor: [1, 1, 2]")
+        .replace("{name: rician, params: {sigma_fraction: [0.02, 0.06]}}", "{name: thick_slices, params: {factor: 2, axis: 2}}")
+        .replace("out_dir: run", "out_dir: run_sr")
+    )
+    model = train(sr, progress=False).model_path
+    clean = load(workspace / "clean1.nii.gz")
+    thick = ThickSlices(factor=2, axis=2)(clean)
+    save(thick, tmp_path / "thick.nii.gz")
+    plain = load(enhance(tmp_path / "thick.nii.gz", model, tmp_path / "plain.nii.gz", progress=False).output)
+    adapted = load(enhance(tmp_path / "thick.nii.gz", model, tmp_path / "sr.nii.gz", adapt_seconds=3, progress=False).output)
+    assert adapted.shape == plain.shape == clean.shape
+    np.testing.assert_allclose(adapted.affine, plain.affine, atol=1e-9)
+    # Every pair of thin slices averages back to its thick slice: the acquired data are kept.
+    thick_values = load(tmp_path / "thick.nii.gz").values(np.float32)
+    np.testing.assert_allclose(
+        ThickSlices(factor=2, axis=2)(adapted.values(np.float32)), thick_values, atol=1e-3 * float(thick_values.max())
+    )

@@ -61,6 +61,39 @@ def _source_dataset(scan: Path):
     return None
 
 
+def _adapt(loaded, volume, result, seconds: float, run, dev, overlap: float, seed: int, progress: bool):
+    """Adapt the model's output to the scan (``--adapt``) and log what was done."""
+    from medgen.adapt.with_model import adapt_with_model
+    from medgen.inference.enhance import enhance_with
+    from medgen.volume import Volume
+
+    def predict(values: np.ndarray) -> np.ndarray:
+        # The whole scan's normalisation and noise level, so that a box is treated alike.
+        box = Volume(values, volume.affine, volume.meta)
+        again = enhance_with(
+            loaded, box, device=dev, overlap=overlap, seed=seed, norm=result.norm, noise_level=result.noise_level
+        )
+        return again.volume.values(np.float32)
+
+    log = print if progress else None
+    t0 = time.perf_counter()
+    adapted = adapt_with_model(loaded, volume, result.volume, seconds, predict=predict, seed=seed, log=log)
+    first = adapted.records[0]
+    run.log_params(
+        {
+            "adapt.seconds_budget": seconds,
+            "adapt.method": first.get("method", ""),
+            **{f"adapt.{k}": v for k, v in first.get("params", {}).items() if k not in ("spacing_mm",)},
+        }
+    )
+    run.log_metrics({"adapt.seconds": time.perf_counter() - t0, "adapt.steps": float(first.get("steps", 0))})
+    for i, loss in enumerate(first.get("losses", [])):
+        if i % 10 == 0:
+            run.log_metrics({"adapt.loss": loss}, step=i)
+    run.log_dict({"frames": adapted.records}, "adapt.json")
+    return adapted.volume
+
+
 def enhance(
     scan: str | Path,
     model: str | Path,
@@ -88,8 +121,10 @@ def enhance(
         ``.nii``/``.nii.gz`` file for ``format="nifti"``; a new folder for ``format="dicom"``.
     format : {"nifti", "dicom"}
     adapt_seconds : float
-        Time budget for self-supervised adaptation to this scan (0: none). Reserved for the
-        adaptation step; any value > 0 is refused until it exists.
+        Self-supervised adaptation to this scan (0: none; see :mod:`medgen.adapt.with_model`):
+        denoising models have their output re-weighted with non-local features by SURE on
+        the scan itself; super-resolution models hand over to a sub-slice network trained
+        on the scan's in-plane detail for this many seconds.
     device : {"auto", "cpu", "cuda"}
     overlap : float in [0, 1)
         Sliding-window overlap.
@@ -108,10 +143,6 @@ def enhance(
     started = time.perf_counter()
     fmt = look_up_option("format", format, literal_options(OutputFormatName))
     adapt_seconds = check_non_negative("adapt_seconds", adapt_seconds)
-    if adapt_seconds > 0:
-        raise ParameterError(
-            f"`adapt_seconds` > 0 needs the self-supervised adaptation step, which this medgen lacks; got {adapt_seconds}"
-        )
     if not 0.0 <= overlap < 1.0:
         raise ParameterError(f"`overlap` must be in [0, 1), got {overlap}")
     scan, out = Path(scan), Path(out)
@@ -143,15 +174,18 @@ def enhance(
             }
         )
         result = enhance_with(loaded, volume, device=dev, overlap=overlap, seed=seed, progress=progress)
+        output = result.volume
+        if adapt_seconds > 0:
+            output = _adapt(loaded, volume, result, adapt_seconds, run, dev, overlap, seed, progress)
         if fmt == "dicom":
             kwargs = {"series_description": f"medgen {loaded.kind} enhanced"}
             if scan.is_dir() or not scan.name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
                 source = _source_dataset(scan)
                 if source is not None:
                     kwargs["source_dataset"] = source
-            save(result.volume, out, format="dicom", **kwargs)
+            save(output, out, format="dicom", **kwargs)
         else:
-            save(result.volume, out, sidecar=True)
+            save(output, out, sidecar=True)
         u_path = None
         if result.uncertainty is not None:
             u_path = save(result.uncertainty, uncertainty_path(out))
@@ -172,7 +206,9 @@ def enhance(
         if result.noise_level is not None:
             metrics["noise_level_normalised"] = result.noise_level
         run.log_metrics(metrics)
-        images = {"input": volume, "output": result.volume}
+        images = {"input": volume, "output": output}
+        if output is not result.volume:
+            images["model output"] = result.volume
         if result.uncertainty is not None:
             images["uncertainty"] = result.uncertainty
         run.log_montage(images, "montage.png")

@@ -1,0 +1,545 @@
+"""Self-supervised denoising adapted to one scan: SURE-fitted expansion of non-local features.
+
+The recipe (``bench/QUALITY.md`` records what it measures):
+
+1. **Features.** Classical estimates of the scan ``y`` — non-local means at three filter
+   strengths and two patch sizes (:func:`skimage.restoration.denoise_nl_means`), Gaussian
+   smoothings, ``y`` itself and a constant — each multiplied by soft *band* weights that
+   select voxels by intensity (6 bands) and by edge strength (3 bands, gradient magnitude of
+   the non-local-means estimate in units of the noise sigma). That gives
+   ``8 x 18 = 144`` basis volumes ``phi_k(y)``.
+2. **Adaptation to the scan with SURE.** The output is ``f(y) = sum_k a_k phi_k(y)``. For
+   Gaussian noise of known sigma, Stein's unbiased risk estimate
+   ``|y - f(y)|^2 - sum_i v_i + 2 sum_i v_i d f_i / d y_i`` (``v_i = sigma^2``) estimates the
+   squared error against the unknown clean scan without clean data; it is quadratic in the
+   weights ``a``, so the SURE-optimal weights solve one linear system (SURE-LET, Blu &
+   Luisier 2007). The divergence of each basis volume — through non-local means and the band
+   weights — is estimated with one random probe ``b`` and a finite difference,
+   ``b . (phi_k(y + eps b) - phi_k(y)) / eps`` (Monte-Carlo SURE, Ramani et al. 2008); with a
+   few hundred weights and millions of voxels the single probe cannot be over-fitted.
+3. **Pre-trained weights** (:func:`pretrain_denoiser`): the same expansion fitted with the
+   clean reference on *other* scans with synthetic noise; used as is ("no adaptation") or as
+   the prior that adaptation shrinks towards (``prior_weight``).
+
+Rician (MR magnitude) noise: the expansion estimates the magnitude's mean ``E[M | A]``, with
+the per-voxel variance ``v_i = E[M^2] - E[M]^2`` of the Rician distribution taken from a first
+estimate of ``A`` (heteroscedastic SURE); the Rician noise floor is then removed with
+``sqrt(max(f^2 - 2 sigma^2, 0))``, the correction the non-local-means baseline uses.
+
+All volumes are ``(I, J, K)`` float32 in the image's own units; ``noise_sigma`` is in those
+units (per quadrature channel for Rician noise).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from medgen.adapt.common import AdaptRecord, IntensityScale, check_budget
+from medgen.validate import (
+    ParameterError,
+    check_non_negative,
+    check_positive,
+    check_seed,
+    check_volume_array,
+    literal_options,
+    look_up_option,
+)
+
+__all__ = [
+    "LETDenoiser",
+    "NoiseKind",
+    "adapt_denoise",
+    "denoise_features",
+    "pretrain_denoiser",
+    "rician_mean",
+    "rician_mean_inverse",
+]
+
+NoiseKind = Literal["gaussian", "rician"]
+
+_SQRT_HALF_PI = math.sqrt(math.pi / 2.0)
+#: Non-local means feature channels: (patch side, search radius, h / sigma).
+NLM_SETTINGS = ((5, 3, 0.4), (5, 3, 0.6), (5, 3, 0.9), (3, 3, 0.6))
+ANCHOR_CHANNEL = 2  # non-local means (5, 3, 0.6): the estimate the band weights look at
+GAUSS_SIGMAS_VOX = (0.8, 1.5)
+N_FEATURES = 1 + len(NLM_SETTINGS) + len(GAUSS_SIGMAS_VOX) + 1  # y, NLM, Gaussian, constant
+#: Intensity band centres (normalised units) and edge band centres (gradient / sigma).
+INTENSITY_BANDS = tuple(np.linspace(0.0, 1.0, 6))
+EDGE_BANDS = (0.0, 1.0, 2.0)
+_PROBE_STREAM = 0x5C0BE  # spawn key that separates the SURE probe from other uses of `seed`
+_SLAB_VOXELS = 1 << 16  # voxels per slab when accumulating the normal equations
+N_BANDS = len(INTENSITY_BANDS) * len(EDGE_BANDS)
+N_BASIS = N_FEATURES * N_BANDS
+#: Side (voxels) of the largest box on which SURE is fitted (4 M voxels: plenty for 144 weights).
+FIT_BOX_VOX = 160
+#: How far a voxel's features reach: NLM search 3 + patch radius 2, then the edge strength's
+#: 1-voxel Gaussian (radius 4) and gradient (1); Gaussian features reach 6.
+_FEATURE_REACH_VOX = 12
+
+
+def rician_mean(amplitude: np.ndarray | float, sigma: float) -> np.ndarray | float:
+    """``E[M]`` of a Rician magnitude ``M`` with true amplitude ``A >= 0`` and noise ``sigma``.
+
+    ``E[M] = sigma sqrt(pi/2) L_1/2(-A^2 / 2 sigma^2)``, evaluated with exponentially scaled
+    Bessel functions: ``sigma sqrt(pi/2) [(1 + t) i0e(t/2) + t i1e(t/2)]``, ``t = A^2/2sigma^2``.
+    It is ``sigma sqrt(pi/2)`` at ``A = 0`` and tends to ``sqrt(A^2 + sigma^2)`` at high SNR.
+
+    Examples
+    --------
+    >>> round(float(rician_mean(np.float32(0.0), 2.0) / (2.0 * np.sqrt(np.pi / 2))), 6)
+    1.0
+    >>> round(float(rician_mean(np.float32(100.0), 1.0)), 3)
+    100.005
+    """
+    from scipy import special
+
+    a = np.maximum(np.asarray(amplitude, dtype=np.float64), 0.0)
+    t = a * a / (2.0 * sigma * sigma)
+    out = sigma * _SQRT_HALF_PI * ((1.0 + t) * special.i0e(t / 2) + t * special.i1e(t / 2))
+    return out.astype(np.float32) if isinstance(amplitude, np.ndarray) else float(out)
+
+
+def rician_mean_inverse(mean: np.ndarray, sigma: float) -> np.ndarray:
+    """The amplitude ``A`` whose Rician mean is ``mean`` (0 below the noise floor).
+
+    The mean is monotone in ``A``; it is inverted by interpolation in a table on
+    ``A / sigma`` in ``[0, 40]`` and by ``sqrt(mean^2 - sigma^2)`` beyond (error < 1e-4 sigma).
+
+    Examples
+    --------
+    >>> a = np.array([0.0, 0.5, 1.0, 3.0, 50.0], dtype=np.float32)
+    >>> np.round(rician_mean_inverse(rician_mean(a, 1.0), 1.0), 3)
+    array([ 0. ,  0.5,  1. ,  3. , 50. ], dtype=float32)
+    """
+    sigma = check_positive("sigma", sigma)
+    grid = np.linspace(0.0, 40.0, 4001)
+    table = rician_mean(grid, 1.0)
+    m = np.asarray(mean, dtype=np.float64) / sigma
+    out = np.interp(m, table, grid, left=0.0)
+    high = m > table[-1]
+    out[high] = np.sqrt(m[high] ** 2 - 1.0)
+    return (out * sigma).astype(np.float32)
+
+
+def _check_noise(noise: Any) -> str:
+    return look_up_option("noise", noise, literal_options(NoiseKind))
+
+
+def denoise_features(y: np.ndarray, noise_level: float) -> np.ndarray:
+    """Feature channels of a normalised volume, ``(8, I, J, K)`` float64.
+
+    The caller may keep them as float32 (only the probe features need float64).
+
+    Channels: ``y``; non-local means for each of :data:`NLM_SETTINGS` (skimage's fast mode,
+    in float64 so that the finite differences of MC-SURE stay exact); Gaussian smoothing for
+    each of :data:`GAUSS_SIGMAS_VOX`; a constant 1.
+    """
+    from scipy import ndimage
+    from skimage.restoration import denoise_nl_means
+
+    y64 = np.asarray(y, dtype=np.float64)
+    channels = [y64]
+    for patch, search, h in NLM_SETTINGS:
+        channels.append(
+            denoise_nl_means(
+                y64,
+                patch_size=patch,
+                patch_distance=search,
+                h=h * noise_level,
+                sigma=noise_level,
+                fast_mode=True,
+                preserve_range=True,
+            )
+        )
+    for sigma_vox in GAUSS_SIGMAS_VOX:
+        channels.append(ndimage.gaussian_filter(y64, sigma_vox, mode="nearest"))
+    channels.append(np.ones_like(y64))
+    return np.stack(channels)
+
+
+def _edge_strength(anchor: np.ndarray, noise_level: float) -> np.ndarray:
+    """Gradient magnitude of the (1-voxel smoothed) anchor, in units of the noise sigma."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(np.asarray(anchor, dtype=np.float64), 1.0, mode="nearest")
+    return np.sqrt(sum(g * g for g in np.gradient(smooth))) / noise_level
+
+
+def _soft_bands(values: np.ndarray, centres: Sequence[float]) -> np.ndarray:
+    """Gaussian band memberships of ``values`` (width = centre spacing), summing to 1.
+
+    Examples
+    --------
+    >>> w = _soft_bands(np.array([0.0, 0.5, 1.0]), (0.0, 1.0))
+    >>> np.round(w, 3).tolist(), np.allclose(w.sum(axis=0), 1.0)
+    ([[0.731, 0.5, 0.269], [0.269, 0.5, 0.731]], True)
+    """
+    centres = np.asarray(centres, dtype=np.float64)
+    width = float(centres[1] - centres[0]) if len(centres) > 1 else 1.0
+    d = (np.asarray(values, dtype=np.float64)[None] - centres.reshape(-1, *([1] * np.ndim(values)))) / width
+    logits = -0.5 * d * d
+    logits -= logits.max(axis=0, keepdims=True)
+    w = np.exp(logits)
+    return w / w.sum(axis=0, keepdims=True)
+
+
+def _basis(features: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Basis values ``(C * B, n)`` for flattened ``features`` ``(C, n)`` and ``edges`` ``(n,)``."""
+    wi = _soft_bands(features[ANCHOR_CHANNEL], INTENSITY_BANDS)
+    we = _soft_bands(edges, EDGE_BANDS)
+    bands = (wi[:, None] * we[None]).reshape(-1, features.shape[1])  # (B, n)
+    return (features[:, None] * bands[None]).reshape(-1, features.shape[1])
+
+
+@dataclass
+class LETDenoiser:
+    """A fitted linear expansion of band-weighted non-local features (see module notes).
+
+    Attributes
+    ----------
+    weights : ndarray (K,)
+        Expansion weights, in the normalised intensity units of the scan they were fitted on.
+    noise : {"gaussian", "rician"}
+    fitted_on : str
+        ``"sure"`` (fitted on a noisy scan itself) or ``"clean"`` (supervised pre-training).
+    """
+
+    weights: np.ndarray
+    noise: str
+    fitted_on: str = "sure"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights": [float(w) for w in self.weights], "noise": self.noise, "fitted_on": self.fitted_on}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LETDenoiser:
+        return cls(np.asarray(data["weights"], dtype=np.float64), str(data["noise"]), str(data.get("fitted_on", "sure")))
+
+
+def _normalise(y_phys: np.ndarray, noise: str) -> IntensityScale:
+    if noise == "rician":
+        # Magnitudes keep 0 as 0 (the Rician model is not shift-invariant): scale only.
+        return IntensityScale(0.0, float(np.percentile(y_phys, 99.5)) or 1.0)
+    return IntensityScale.fit(y_phys)
+
+
+class _Accumulator:
+    """Normal equations of the expansion, summed slab by slab (the basis never fits in memory)."""
+
+    def __init__(self, n_basis: int) -> None:
+        self.gram = np.zeros((n_basis, n_basis))
+        self.rhs = np.zeros(n_basis)
+        self.div = np.zeros(n_basis)
+        self.count = 0
+
+    def add(self, phi: np.ndarray, target: np.ndarray, dphi_probe: np.ndarray | None = None) -> None:
+        self.gram += phi @ phi.T
+        self.rhs += phi @ target
+        if dphi_probe is not None:
+            self.div += dphi_probe.sum(axis=1)
+        self.count += target.size
+
+
+def _slabs(n0: int, per_slab: int) -> list[slice]:
+    step = max(1, per_slab)
+    return [slice(i, min(i + step, n0)) for i in range(0, n0, step)]
+
+
+def _fit_box(y: np.ndarray, side: int) -> tuple[slice, slice, slice]:
+    """A box of at most ``side`` voxels per axis around the bright part of ``y`` (the SURE fit's region)."""
+    bright = y > 0.1 * float(np.percentile(y, 99.5))
+    box = []
+    for axis, n in enumerate(y.shape):
+        w = min(side, n)
+        hits = np.nonzero(bright.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        centre = int(hits.mean()) if hits.size else n // 2
+        start = min(max(centre - w // 2, 0), n - w)
+        box.append(slice(start, start + w))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _sure_system(
+    y: np.ndarray,
+    f0: np.ndarray,
+    s: float,
+    noise: str,
+    seed: int,
+    record: AdaptRecord,
+    extras: Sequence[Callable[[np.ndarray], np.ndarray]] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations ``(gram, rhs)`` of SURE on a box of the normalised scan ``y``.
+
+    ``f0`` are the features of the whole scan (the last ``len(extras)`` of them made by
+    ``extras``). The classical features at ``y + eps b`` are computed on the fit box plus a
+    margin wider than their reach, so that inside the box they match ``f0`` exactly but for
+    the probe. An extra estimate (a network, whose reach is unknown) is run on that margin
+    box twice, with and without the probe, and only its change is used. The SURE-optimal
+    weights solve ``gram a = rhs``.
+    """
+    t0 = time.perf_counter()
+    box = _fit_box(y, FIT_BOX_VOX)
+    outer = tuple(slice(max(b.start - _FEATURE_REACH_VOX, 0), min(b.stop + _FEATURE_REACH_VOX, n)) for b, n in zip(box, y.shape))
+    inner = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _PROBE_STREAM]))
+    probe_outer = rng.standard_normal(tuple(o.stop - o.start for o in outer))
+    eps = 0.02 * s
+    y_outer = y[outer].astype(np.float64)
+    f1 = denoise_features(y_outer + eps * probe_outer, s)
+    e1 = _edge_strength(f1[ANCHOR_CHANNEL], s)[inner]
+    f1 = f1[(slice(None), *inner)]
+    probe = probe_outer[inner]
+    e0 = _edge_strength(f0[ANCHOR_CHANNEL], s)[box]
+    f0 = f0[(slice(None), *box)]
+    if extras:
+        changes = [(fn(y_outer + eps * probe_outer) - fn(y_outer))[inner] for fn in extras]
+        f1 = np.concatenate([f1, f0[N_FEATURES:] + np.stack(changes)])
+    n_features = f0.shape[0]
+    yb = y[box]
+    record.params["fit_box_vox"] = [b.stop - b.start for b in box]
+    record.params["seconds_probe_features"] = round(time.perf_counter() - t0, 2)
+    if noise == "rician":
+        # Per-voxel variance of the magnitude, E[M^2] - E[M]^2 = 2 s^2 + A^2 - E[M]^2, from the
+        # amplitude of the anchor estimate (floored: the estimate is rough near 0).
+        amp = rician_mean_inverse(f0[ANCHOR_CHANNEL], s).astype(np.float64)
+        var = np.maximum(2 * s * s + amp * amp - np.asarray(rician_mean(amp, s), np.float64) ** 2, 0.2 * s * s)
+    else:
+        var = None
+    acc = _Accumulator(n_features * N_BANDS)
+    plane = int(np.prod(yb.shape[1:]))
+    for sl in _slabs(yb.shape[0], _SLAB_VOXELS // plane):
+        phi0 = _basis(f0[:, sl].reshape(n_features, -1).astype(np.float64), e0[sl].ravel())
+        phi1 = _basis(f1[:, sl].reshape(n_features, -1), e1[sl].ravel())
+        v = (s * s) if var is None else var[sl].ravel()
+        acc.add(phi0, yb[sl].astype(np.float64).ravel(), (phi1 - phi0) * (probe[sl].ravel() * v / eps))
+    record.params["seconds_fit"] = round(time.perf_counter() - t0, 2)
+    # SURE(a) = |y - Phi a|^2 - sum v + 2 sum_k a_k div_k  ->  (Phi^T Phi) a = Phi^T y - div
+    return acc.gram, acc.rhs - acc.div
+
+
+def _solve(gram: np.ndarray, rhs: np.ndarray, prior: np.ndarray | None = None, prior_weight: float = 0.0) -> np.ndarray:
+    """Ridge-stabilised solve of ``gram a = rhs`` (optionally shrunk towards ``prior``)."""
+    k = gram.shape[0]
+    ridge = 1e-7 * np.trace(gram) / k
+    lhs = gram + ridge * np.eye(k)
+    right = rhs.copy()
+    if prior is not None and prior_weight > 0:
+        lam = prior_weight * np.trace(gram) / k
+        lhs += lam * np.eye(k)
+        right += lam * prior
+    return np.linalg.solve(lhs, right)
+
+
+def _apply(weights: np.ndarray, f0: np.ndarray, s: float) -> np.ndarray:
+    """``sum_k a_k phi_k(y)`` from the features ``f0`` of a normalised volume."""
+    e0 = _edge_strength(f0[ANCHOR_CHANNEL], s)
+    out = np.empty(f0.shape[1:], dtype=np.float64)
+    plane = int(np.prod(out.shape[1:]))
+    for sl in _slabs(out.shape[0], _SLAB_VOXELS // plane):
+        phi = _basis(f0[:, sl].reshape(f0.shape[0], -1).astype(np.float64), e0[sl].ravel())
+        out[sl] = (weights @ phi).reshape(out[sl].shape)
+    return out
+
+
+def anchor_weights(n_features: int = N_FEATURES) -> np.ndarray:
+    """Weights that reproduce the anchor feature (non-local means, h = 0.6 sigma) exactly.
+
+    The band weights sum to 1 at every voxel, so weight 1 on the anchor in every band gives
+    the anchor itself.
+    """
+    w = np.zeros((n_features, N_BANDS))
+    w[ANCHOR_CHANNEL] = 1.0
+    return w.ravel()
+
+
+def _finish(out: np.ndarray, s: float, noise: str, scale: IntensityScale) -> np.ndarray:
+    if noise == "rician":
+        out = np.sqrt(np.maximum(out * out - 2.0 * s * s, 0.0))
+    return scale.inverse(out.astype(np.float32))
+
+
+def adapt_denoise(
+    volume_values: np.ndarray,
+    spacing_mm: Sequence[float],
+    *,
+    noise_sigma: float | None,
+    noise: NoiseKind = "gaussian",
+    seconds: float = 0.0,
+    seed: int = 0,
+    init_model: LETDenoiser | None = None,
+    log: Callable[[str], None] | None = None,
+    max_steps: int | None = None,
+    record: dict[str, Any] | None = None,
+    prior_weight: float = 0.0,
+    extra_estimates: Sequence[Callable[[np.ndarray], np.ndarray]] = (),
+) -> np.ndarray:
+    """Denoise one scan with an expansion fitted on the scan itself by SURE (no clean data).
+
+    Parameters
+    ----------
+    volume_values : ndarray, shape (I, J, K)
+        The noisy scan in physical units (never modified).
+    spacing_mm : 3 floats
+        Voxel size; recorded (the features work on the voxel grid).
+    noise_sigma : float or None
+        Noise standard deviation in image units (per quadrature channel for Rician noise).
+        ``None`` estimates it with :func:`medgen.baselines.denoise.estimate_noise_sigma`.
+    noise : {"gaussian", "rician"}
+    seconds : float >= 0
+        0 switches adaptation off: the output is then ``init_model`` applied as it is, or
+        without one the anchor (non-local means, h = 0.6 sigma) that an unfitted expansion
+        reduces to. Any positive value fits the expansion to the scan; the fit is a fixed
+        amount of work (features on the whole scan, features at ``y + eps b`` on a box of at
+        most 160^3 voxels, one linear solve), reported in ``record``, not an iterative loop
+        that a budget could stop early.
+    seed : int
+        Seeds the SURE probe: the same seed and data give the same output.
+    init_model : LETDenoiser, optional
+        Pre-trained weights (:func:`pretrain_denoiser`), applied as they are when
+        ``seconds == 0``; when adapting, the fit is shrunk towards them by ``prior_weight``.
+    log : callable, optional
+        Receives progress lines.
+    max_steps : int, optional
+        Accepted for symmetry with :func:`~medgen.adapt.super_resolution.adapt_super_resolution`;
+        the closed-form fit has no steps.
+    record : dict, optional
+        Filled in with what was done (:meth:`AdaptRecord.to_dict`), for MLflow.
+    prior_weight : float >= 0
+        Strength of the shrinkage towards ``init_model`` (relative to the data term; 0: none).
+    extra_estimates : sequence of callables
+        Other denoisers, each mapping a volume in physical units to its estimate of the clean
+        volume (same shape and units), e.g. a trained network. Each becomes one more feature
+        whose weights SURE fits per band; it is evaluated on the whole scan and, with and
+        without the probe, on the fit box. Needs ``seconds > 0``.
+
+    Returns
+    -------
+    ndarray, float32, shape (I, J, K), in the units of ``volume_values``.
+    """
+    started = time.perf_counter()
+    y_phys = check_volume_array("volume_values", volume_values)
+    noise = _check_noise(noise)
+    seconds, max_steps = check_budget(seconds, max_steps)
+    seed = check_seed("seed", seed) or 0
+    prior_weight = check_non_negative("prior_weight", prior_weight)
+    adapt = seconds > 0
+    if init_model is not None and init_model.noise != noise:
+        raise ParameterError(f"`init_model` was fitted for {init_model.noise!r} noise, got noise={noise!r}")
+    extra_estimates = list(extra_estimates)
+    if extra_estimates and not adapt:
+        raise ParameterError("`extra_estimates` are weighted by the SURE fit: they need `seconds` > 0")
+    if noise_sigma is None:
+        from medgen.baselines.denoise import estimate_noise_sigma
+
+        noise_sigma = estimate_noise_sigma(y_phys, rician=noise == "rician")
+    noise_sigma = check_positive("noise_sigma", noise_sigma)
+    scale = _normalise(y_phys, noise)
+    y = scale.forward(y_phys)
+    s = float(noise_sigma / scale.scale)
+    rec = AdaptRecord(
+        method=f"sure-let-{noise}" if adapt else ("pretrained-let" if init_model is not None else "anchor-nlm") + f"-{noise}",
+        params={
+            "noise": noise,
+            "noise_sigma": float(noise_sigma),
+            "noise_level_normalised": s,
+            "spacing_mm": [float(v) for v in spacing_mm],
+            "seed": seed,
+            "pretrained": init_model is not None,
+            "n_basis": N_BASIS + N_BANDS * len(extra_estimates),
+            "n_extra_estimates": len(extra_estimates),
+        },
+    )
+
+    def normalised(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda v: scale.forward(fn(scale.inverse(v))).astype(np.float64)
+
+    extras = [normalised(fn) for fn in extra_estimates]
+    t0 = time.perf_counter()
+    f0 = denoise_features(y, s).astype(np.float32)
+    if extras:
+        f0 = np.concatenate([f0, np.stack([fn(y) for fn in extras]).astype(np.float32)])
+    rec.params["seconds_features"] = round(time.perf_counter() - t0, 2)
+    if log is not None:
+        log(f"denoise features in {rec.params['seconds_features']:.0f} s")
+    if adapt:
+        gram, rhs = _sure_system(y, f0, s, noise, seed, rec, extras)
+        prior = None
+        if init_model is not None:  # extra features have no prior weight: 0
+            prior = np.concatenate([init_model.weights, np.zeros(N_BANDS * len(extras))])
+        weights = _solve(gram, rhs, prior, prior_weight)
+        rec.steps = 1
+    elif init_model is not None:
+        weights = init_model.weights
+    else:
+        weights = anchor_weights()
+    out = _finish(_apply(weights, f0, s), s, noise, scale)
+    rec.seconds_total = time.perf_counter() - started
+    rec.seconds_train = rec.seconds_total
+    rec.params["weights_norm"] = float(np.linalg.norm(weights))
+    if log is not None:
+        log(f"{rec.method}: done in {rec.seconds_total:.0f} s")
+    if record is not None:
+        record.update(rec.to_dict())
+    return out
+
+
+def pretrain_denoiser(
+    clean_volumes: Sequence[np.ndarray],
+    *,
+    noise: NoiseKind,
+    sigma_fraction: float | Sequence[float] = (0.03, 0.05),
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> LETDenoiser:
+    """Fit the expansion with the clean reference on other volumes (supervised least squares).
+
+    Each clean volume is normalised like :func:`adapt_denoise` does, noise of each
+    ``sigma_fraction`` (of the normalised range) is added with a seeded generator, and the
+    normal equations of all of them are summed; the target is the clean volume (for Rician
+    noise its Rician mean, which the expansion estimates before the floor correction).
+
+    Returns
+    -------
+    LETDenoiser
+        ``fitted_on="clean"``.
+    """
+    noise = _check_noise(noise)
+    seed = check_seed("seed", seed) or 0
+    fractions = [sigma_fraction] if np.isscalar(sigma_fraction) else list(sigma_fraction)  # type: ignore[arg-type]
+    fractions = [check_positive("sigma_fraction", f) for f in fractions]
+    if not clean_volumes:
+        raise ParameterError("`clean_volumes` must hold at least one volume, got none")
+    acc = _Accumulator(N_BASIS)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _PROBE_STREAM + 1]))
+    for i, v in enumerate(clean_volumes):
+        clean = check_volume_array(f"clean_volumes[{i}]", v)
+        for frac in fractions:
+            t0 = time.perf_counter()
+            if noise == "rician":
+                c = clean / (float(np.percentile(clean, 99.5)) or 1.0)
+                s = frac
+                noisy = np.sqrt((c + rng.standard_normal(c.shape) * s) ** 2 + (rng.standard_normal(c.shape) * s) ** 2)
+                # Normalise by the noisy scan's own percentile, as adapt_denoise will.
+                k = float(np.percentile(noisy, 99.5)) or 1.0
+                noisy, c, s = noisy / k, c / k, s / k
+                target = np.asarray(rician_mean(c, s), np.float64)
+            else:
+                c = IntensityScale.fit(clean).forward(clean).astype(np.float64)
+                s = frac
+                noisy = c + rng.standard_normal(c.shape) * s
+                scale = IntensityScale.fit(noisy.astype(np.float32))
+                noisy, target, s = (noisy - scale.offset) / scale.scale, (c - scale.offset) / scale.scale, s / scale.scale
+            f0 = denoise_features(noisy, s)
+            e0 = _edge_strength(f0[ANCHOR_CHANNEL], s)  # (features stay float64 here)
+            plane = int(np.prod(noisy.shape[1:]))
+            for sl in _slabs(noisy.shape[0], _SLAB_VOXELS // plane):
+                acc.add(_basis(f0[:, sl].reshape(N_FEATURES, -1), e0[sl].ravel()), target[sl].ravel())
+            if log is not None:
+                log(f"pretrain LET: volume {i} at sigma fraction {frac:g} in {time.perf_counter() - t0:.0f} s")
+    return LETDenoiser(_solve(acc.gram, acc.rhs), noise, fitted_on="clean")
