@@ -174,12 +174,33 @@ def test_smore_output_is_on_the_thin_grid_and_consistent(sr_case, sr_result):
 def test_smore_beats_grid_aligned_trilinear(sr_case, sr_result, data_range):
     from medgen.baselines.super_resolution import upsample_slices
 
+    from medgen.baselines.super_resolution import iterative_back_projection
+
     thin, low = sr_case
     trilinear = upsample_slices(low, 2, axis=2, order=1)
-    nearest = np.repeat(low, 2, axis=2)
+    ibp = iterative_back_projection(low, 2, axis=2, n_iter=10)
     ours = psnr(sr_result[0], thin, data_range)
-    assert ours > psnr(trilinear, thin, data_range) + 0.5
-    assert ours > psnr(nearest, thin, data_range) + 2.0
+    assert ours > psnr(trilinear, thin, data_range) + 0.3
+    assert ours > psnr(ibp, thin, data_range) - 0.05  # it starts there; 60 steps must not spoil it
+
+
+def test_smore_learns_through_plane_detail_from_a_real_scan(shared_data):
+    """On a 64x64x48 crop of the ICBM152 T1, 200 steps of in-plane training beat its starting point."""
+    from medgen.adapt.super_resolution import adapt_super_resolution
+    from medgen.baselines.super_resolution import iterative_back_projection
+    from medgen.io.nifti import read_nifti
+
+    full = read_nifti(shared_data / "nifti" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz").values(np.float32)
+    i, j, k = (n // 2 for n in full.shape)
+    thin = np.ascontiguousarray(full[i - 32 : i + 32, j - 32 : j + 32, k - 24 : k + 24])
+    r = float(np.percentile(full, 99.5))
+    low = ThickSlices(factor=2, axis=2)(thin)
+    record: dict = {}
+    out = adapt_super_resolution(low, (1.0, 1.0, 2.0), factor=2, axis=2, seconds=600, max_steps=200, seed=0, record=record)
+    start = iterative_back_projection(low, 2, axis=2, n_iter=10)
+    assert psnr(out, thin, r) > psnr(start, thin, r) + 0.1
+    losses = record["losses"]
+    assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20])
 
 
 def test_smore_is_deterministic_for_a_seed(sr_case, sr_result):

@@ -118,7 +118,8 @@ def test_ema_follows_its_definition(tmp_path):
     after_2 = trainer.model.state_dict()
     ema = {k[len("module.") :]: v for k, v in trainer.ema.state_dict().items() if k.startswith("module.")}
     for name, param in trainer.model.named_parameters():
-        expected = 0.9 * after_1[name] + 0.1 * after_2[name]  # first update copies, then decays
+        # The first update copies; the second decays by min(0.9, 2 / 11) (the warm-up ramp).
+        expected = (2 / 11) * after_1[name] + (9 / 11) * after_2[name]
         assert torch.allclose(ema[name], expected, atol=1e-6), name
     assert trainer.inference_model is trainer.ema.module
 

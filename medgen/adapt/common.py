@@ -112,8 +112,8 @@ def budgeted_loop(
 ) -> AdaptRecord:
     """Call ``step(i, progress)`` until ``seconds`` pass or ``max_steps`` steps are done.
 
-    ``progress`` is the fraction of the budget used so far (by time, or by steps when the step
-    cap binds first), for learning-rate schedules. ``step`` returns the loss, which is
+    ``progress`` is the fraction of the budget used so far, for learning-rate schedules: by
+    steps when there is a step cap (repeatable runs), else by time. ``step`` returns the loss, which is
     recorded. A budget of 0 seconds runs no step.
     """
     started = time.perf_counter()
@@ -122,9 +122,9 @@ def budgeted_loop(
         elapsed = time.perf_counter() - started
         if elapsed >= seconds or (max_steps is not None and i >= max_steps):
             break
-        progress = elapsed / seconds if seconds > 0 else 1.0
-        if max_steps:
-            progress = max(progress, i / max_steps)
+        # With a step cap the schedule follows the steps alone, so that a run is repeatable
+        # whatever the machine's speed; the time budget then only stops it early.
+        progress = i / max_steps if max_steps else (elapsed / seconds if seconds > 0 else 1.0)
         loss = float(step(i, min(progress, 1.0)))
         if not math.isfinite(loss):
             raise FloatingPointError(f"{record.method}: the loss became {loss} at step {i}")

@@ -131,36 +131,38 @@ def _check_noise(noise: Any) -> str:
     return look_up_option("noise", noise, literal_options(NoiseKind))
 
 
-def denoise_features(y: np.ndarray, noise_level: float) -> np.ndarray:
-    """Feature channels of a normalised volume, ``(8, I, J, K)`` float64.
-
-    The caller may keep them as float32 (only the probe features need float64).
+def denoise_features(y: np.ndarray, noise_level: float, dtype: type = np.float64) -> np.ndarray:
+    """Feature channels of a normalised volume, ``(8, I, J, K)`` of ``dtype``.
 
     Channels: ``y``; non-local means for each of :data:`NLM_SETTINGS` (skimage's fast mode,
-    in float64 so that the finite differences of MC-SURE stay exact); Gaussian smoothing for
-    each of :data:`GAUSS_SIGMAS_VOX`; a constant 1.
+    computed in float64 so that the finite differences of MC-SURE stay exact); Gaussian
+    smoothing for each of :data:`GAUSS_SIGMAS_VOX`; a constant 1. The non-local means run in
+    threads (scikit-image releases the GIL in its loops), one per CPU core at most.
     """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
     from scipy import ndimage
     from skimage.restoration import denoise_nl_means
 
     y64 = np.asarray(y, dtype=np.float64)
-    channels = [y64]
-    for patch, search, h in NLM_SETTINGS:
-        channels.append(
-            denoise_nl_means(
-                y64,
-                patch_size=patch,
-                patch_distance=search,
-                h=h * noise_level,
-                sigma=noise_level,
-                fast_mode=True,
-                preserve_range=True,
-            )
+    out = np.empty((N_FEATURES, *y64.shape), dtype=dtype)
+    out[0] = y64
+
+    def nlm(i: int) -> None:
+        patch, search, h = NLM_SETTINGS[i]
+        out[1 + i] = denoise_nl_means(
+            y64, patch_size=patch, patch_distance=search, h=h * noise_level, sigma=noise_level,
+            fast_mode=True, preserve_range=True,
         )
-    for sigma_vox in GAUSS_SIGMAS_VOX:
-        channels.append(ndimage.gaussian_filter(y64, sigma_vox, mode="nearest"))
-    channels.append(np.ones_like(y64))
-    return np.stack(channels)
+
+    workers = max(1, min(len(NLM_SETTINGS), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(nlm, range(len(NLM_SETTINGS))))
+    for i, sigma_vox in enumerate(GAUSS_SIGMAS_VOX):
+        out[1 + len(NLM_SETTINGS) + i] = ndimage.gaussian_filter(y64, sigma_vox, mode="nearest")
+    out[-1] = 1.0
+    return out
 
 
 def _edge_strength(anchor: np.ndarray, noise_level: float) -> np.ndarray:
@@ -461,7 +463,7 @@ def adapt_denoise(
 
     extras = [normalised(fn) for fn in extra_estimates]
     t0 = time.perf_counter()
-    f0 = denoise_features(y, s).astype(np.float32)
+    f0 = denoise_features(y, s, np.float32)
     if extras:
         f0 = np.concatenate([f0, np.stack([fn(y) for fn in extras]).astype(np.float32)])
     rec.params["seconds_features"] = round(time.perf_counter() - t0, 2)

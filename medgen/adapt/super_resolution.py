@@ -199,15 +199,17 @@ def _train(
     crop: tuple[int, int],
     record: AdaptRecord,
     log: Callable[[str], None] | None,
+    device: torch.device = torch.device("cpu"),
 ) -> None:
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)  # sampling stays on the CPU: same draws anywhere
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
 
     def step(i: int, progress: float) -> float:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(lr, progress, warmup=0.03)
-        low, init, target = planes.sample(batch, crop, gen)
+        low, init, target = (t.to(device) for t in planes.sample(batch, crop, gen))
         loss = F.mse_loss(model(low, init), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -225,10 +227,11 @@ def _predict(model: SubpixelSliceNet, low: np.ndarray, d_init: np.ndarray, axis:
     order = (stack_axis, axis, sharp_axis)
     lo = torch.from_numpy(np.ascontiguousarray(low.transpose(order)))[:, None]
     di = torch.from_numpy(np.ascontiguousarray(d_init.transpose(0, *(o + 1 for o in order)).swapaxes(0, 1)))
+    device = next(model.parameters()).device
     outs = []
     with torch.no_grad():
         for start in range(0, lo.shape[0], 8):
-            outs.append(model(lo[start : start + 8], di[start : start + 8]))
+            outs.append(model(lo[start : start + 8].to(device), di[start : start + 8].to(device)).cpu())
     d = torch.cat(outs).numpy()  # (n_stack, f, H, W) in `order`
     inverse = np.argsort(order)
     return np.ascontiguousarray(d.swapaxes(0, 1).transpose(0, *(o + 1 for o in inverse)))
@@ -303,6 +306,7 @@ def adapt_super_resolution(
     batch: int = 8,
     crop: tuple[int, int] = (48, 96),
     lr: float | None = None,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Upsample a thick-slice scan across its slices, trained on its own in-plane detail.
 
@@ -326,6 +330,8 @@ def adapt_super_resolution(
     batch, crop, lr
         Planes per step, their size (thick rows, sharp columns), learning rate (default 1e-3
         from scratch, 3e-4 from a pre-trained model).
+    device : str or torch.device
+        Where the network trains and predicts (``"cuda"`` on a GPU).
 
     Returns
     -------
@@ -370,7 +376,11 @@ def adapt_super_resolution(
         for a in in_plane:
             b = in_plane[1] if a == in_plane[0] else in_plane[0]
             planes.add(low, factor, a, b)
-        _train(model, planes, seconds=seconds, max_steps=max_steps, seed=seed, lr=lr, batch=batch, crop=crop, record=rec, log=log)
+        _train(
+            model, planes, seconds=seconds, max_steps=max_steps, seed=seed, lr=lr, batch=batch, crop=crop,
+            record=rec, log=log, device=torch.device(device),
+        )
+    model.to(torch.device(device))
     d_init = _ibp_residuals(low, factor, axis)
     d = sum(_predict(model, low, d_init, axis, b) for b in in_plane) / len(in_plane)
     thin = residuals_to_thin(low, d, axis)

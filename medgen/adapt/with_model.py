@@ -73,6 +73,7 @@ def adapt_with_model(
     *,
     predict: Callable[[np.ndarray], np.ndarray],
     seed: int = 0,
+    device: Any = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> AdaptedResult:
     """Adapt ``loaded``'s enhancement of ``volume`` (already ``enhanced``) to the scan.
@@ -89,6 +90,8 @@ def adapt_with_model(
     predict : callable
         The model on a 3D array in physical units (same normalisation as the whole scan).
     seed : int
+    device : str or torch.device
+        Where the super-resolution network trains.
     log : callable, optional
 
     Returns
@@ -121,7 +124,8 @@ def adapt_with_model(
             rec = {}
             outputs.append(
                 adapt_super_resolution(
-                    x, spacing, factor=factor, axis=axis, seconds=seconds, seed=seed, log=log, record=rec
+                    x, spacing, factor=factor, axis=axis, seconds=seconds, seed=seed, log=log, record=rec,
+                    device=device,
                 )
             )
             records.append(rec)

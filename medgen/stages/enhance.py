@@ -77,7 +77,9 @@ def _adapt(loaded, volume, result, seconds: float, run, dev, overlap: float, see
 
     log = print if progress else None
     t0 = time.perf_counter()
-    adapted = adapt_with_model(loaded, volume, result.volume, seconds, predict=predict, seed=seed, log=log)
+    adapted = adapt_with_model(
+        loaded, volume, result.volume, seconds, predict=predict, seed=seed, device=dev, log=log
+    )
     first = adapted.records[0]
     run.log_params(
         {
