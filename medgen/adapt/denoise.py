@@ -180,7 +180,7 @@ def _soft_bands(values: np.ndarray, centres: Sequence[float]) -> np.ndarray:
     --------
     >>> w = _soft_bands(np.array([0.0, 0.5, 1.0]), (0.0, 1.0))
     >>> np.round(w, 3).tolist(), np.allclose(w.sum(axis=0), 1.0)
-    ([[0.731, 0.5, 0.269], [0.269, 0.5, 0.731]], True)
+    ([[0.622, 0.5, 0.378], [0.378, 0.5, 0.622]], True)
     """
     centres = np.asarray(centres, dtype=np.float64)
     width = float(centres[1] - centres[0]) if len(centres) > 1 else 1.0
