@@ -17,7 +17,7 @@ pre-trained on *other* data without adaptation; and the recipe adapted to the sc
 (``medgen.adapt``). Pre-training for the MR tasks uses the CT volume and phantoms, for the CT
 tasks the MR volume and phantoms: never the voxels under test.
 
-Run ``python bench/quality.py --help``; ``--out bench/QUALITY.md`` writes the table.
+Run ``python bench/quality.py --help``; ``--out FILE`` writes the tables as Markdown (``bench/README.md`` holds the results).
 """
 
 from __future__ import annotations

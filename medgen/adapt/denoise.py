@@ -1,6 +1,6 @@
 """Self-supervised denoising adapted to one scan: SURE-fitted expansion of non-local features.
 
-The recipe (``bench/QUALITY.md`` records what it measures):
+The recipe (``bench/README.md`` records what it measures):
 
 1. **Features.** Classical estimates of the scan ``y`` — non-local means at three filter
    strengths and two patch sizes (:func:`skimage.restoration.denoise_nl_means`), Gaussian
