@@ -90,6 +90,15 @@ def test_sure_trusts_a_good_extra_estimate_and_not_a_useless_one(phantom, data_r
         noisy, (4.5,) * 3, noise_sigma=sigma, noise="gaussian", seconds=5, seed=0, extra_estimates=[lambda v: phantom]
     )
     assert psnr(oracle, phantom, data_range) > without + 5.0
+    # Handing over the estimate's whole-scan output spares that pass and changes nothing.
+    handed = adapt_denoise(
+        noisy, (4.5,) * 3, noise_sigma=sigma, noise="gaussian", seconds=5, seed=0,
+        extra_estimates=[lambda v: phantom], extra_outputs=[phantom],
+    )
+    np.testing.assert_allclose(handed, oracle, atol=1e-4 * data_range)
+    with pytest.raises(ValueError, match=r"`extra_outputs` must hold one volume per extra estimate \(1\), got 2"):
+        adapt_denoise(noisy, (4.5,) * 3, noise_sigma=sigma, seconds=5, extra_estimates=[lambda v: v],
+                      extra_outputs=[phantom, phantom])
     # ... while the noisy input itself (divergence 1 per voxel) must not be over-fitted.
     record: dict = {}
     identity = adapt_denoise(

@@ -380,6 +380,7 @@ def adapt_denoise(
     record: dict[str, Any] | None = None,
     prior_weight: float = 0.0,
     extra_estimates: Sequence[Callable[[np.ndarray], np.ndarray]] = (),
+    extra_outputs: Sequence[np.ndarray] = (),
 ) -> np.ndarray:
     """Denoise one scan with an expansion fitted on the scan itself by SURE (no clean data).
 
@@ -419,6 +420,9 @@ def adapt_denoise(
         volume (same shape and units), e.g. a trained network. Each becomes one more feature
         whose weights SURE fits per band; it is evaluated on the whole scan and, with and
         without the probe, on the fit box. Needs ``seconds > 0``.
+    extra_outputs : sequence of ndarray, optional
+        The ``extra_estimates`` already applied to ``volume_values`` (physical units, same
+        order), when the caller has them: spares one pass of each over the whole scan.
 
     Returns
     -------
@@ -433,9 +437,13 @@ def adapt_denoise(
     adapt = seconds > 0
     if init_model is not None and init_model.noise != noise:
         raise ParameterError(f"`init_model` was fitted for {init_model.noise!r} noise, got noise={noise!r}")
-    extra_estimates = list(extra_estimates)
+    extra_estimates, extra_outputs = list(extra_estimates), list(extra_outputs)
     if extra_estimates and not adapt:
         raise ParameterError("`extra_estimates` are weighted by the SURE fit: they need `seconds` > 0")
+    if extra_outputs and len(extra_outputs) != len(extra_estimates):
+        raise ParameterError(
+            f"`extra_outputs` must hold one volume per extra estimate ({len(extra_estimates)}), got {len(extra_outputs)}"
+        )
     if noise_sigma is None:
         from medgen.baselines.denoise import estimate_noise_sigma
 
@@ -465,7 +473,8 @@ def adapt_denoise(
     t0 = time.perf_counter()
     f0 = denoise_features(y, s, np.float32)
     if extras:
-        f0 = np.concatenate([f0, np.stack([fn(y) for fn in extras]).astype(np.float32)])
+        whole = [scale.forward(v) for v in extra_outputs] if extra_outputs else [fn(y) for fn in extras]
+        f0 = np.concatenate([f0, np.stack(whole).astype(np.float32)])
     rec.params["seconds_features"] = round(time.perf_counter() - t0, 2)
     if log is not None:
         log(f"denoise features in {rec.params['seconds_features']:.0f} s")

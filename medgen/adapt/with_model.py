@@ -102,17 +102,18 @@ def adapt_with_model(
     cfg = loaded.config
     spacing = volume.spacing_mm
     inputs = _frames(volume.values(np.float32))
+    model_outputs = _frames(enhanced.values(np.float32))
     outputs, records = [], []
     if cfg.model.task == "denoise":
         from medgen.adapt.denoise import adapt_denoise
 
         noise = noise_kind_of(cfg)
-        for x in inputs:
+        for x, model_output in zip(inputs, model_outputs):
             rec: dict[str, Any] = {}
             outputs.append(
                 adapt_denoise(
                     x, spacing, noise_sigma=None, noise=noise, seconds=seconds, seed=seed, log=log,
-                    record=rec, extra_estimates=[predict],
+                    record=rec, extra_estimates=[predict], extra_outputs=[model_output],
                 )
             )
             records.append(rec)
