@@ -125,3 +125,19 @@ class Volume:
             f"Volume(shape={self.shape}, dtype={self.array.dtype}, spacing_mm=({spacing}), "
             f"modality={self.meta.modality}, units={self.meta.units})"
         )
+
+
+def split_frames(values: np.ndarray) -> list[np.ndarray]:
+    """(I, J, K) -> one frame; (I, J, K, T) -> its T 3D frames (views, not copies)."""
+    return [values] if values.ndim == 3 else [values[..., t] for t in range(values.shape[3])]
+
+
+def join_frames(frames: list[np.ndarray]) -> np.ndarray:
+    """Inverse of :func:`split_frames`: one frame -> (I, J, K); several -> (I, J, K, T).
+
+    Examples
+    --------
+    >>> join_frames(split_frames(np.zeros((2, 3, 4, 5)))).shape
+    (2, 3, 4, 5)
+    """
+    return frames[0] if len(frames) == 1 else np.stack(frames, axis=-1)

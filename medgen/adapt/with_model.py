@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from medgen.validate import ParameterError
-from medgen.volume import Volume, VolumeMeta
+from medgen.volume import Volume, VolumeMeta, join_frames, split_frames
 
 __all__ = ["AdaptedResult", "adapt_with_model", "noise_kind_of", "slice_upsampling_of"]
 
@@ -61,10 +61,6 @@ def slice_upsampling_of(config) -> tuple[int, int]:
     return factors[refined[0]], refined[0]
 
 
-def _frames(values: np.ndarray) -> list[np.ndarray]:
-    return [values] if values.ndim == 3 else [values[..., t] for t in range(values.shape[3])]
-
-
 def adapt_with_model(
     loaded,
     volume: Volume,
@@ -101,8 +97,8 @@ def adapt_with_model(
     """
     cfg = loaded.config
     spacing = volume.spacing_mm
-    inputs = _frames(volume.values(np.float32))
-    model_outputs = _frames(enhanced.values(np.float32))
+    inputs = split_frames(volume.values(np.float32))
+    model_outputs = split_frames(enhanced.values(np.float32))
     outputs, records = [], []
     if cfg.model.task == "denoise":
         from medgen.adapt.denoise import adapt_denoise
@@ -130,7 +126,7 @@ def adapt_with_model(
                 )
             )
             records.append(rec)
-    values = outputs[0] if len(outputs) == 1 else np.stack(outputs, axis=-1)
+    values = join_frames(outputs)
     if values.shape != enhanced.shape:
         raise ParameterError(f"adapted output {values.shape} does not match the model's grid {enhanced.shape}")
     meta: VolumeMeta = enhanced.meta.copy()

@@ -18,7 +18,7 @@ from torch import nn
 
 from medgen.inference.normalise import IntensityNorm
 from medgen.inference.sliding import WindowPlan, plan_windows, sliding_window_predict
-from medgen.volume import Volume
+from medgen.volume import Volume, join_frames, split_frames
 
 
 @dataclass
@@ -165,11 +165,6 @@ def sample_diffusion_array(
     return mean_np.astype(np.float32), std_np.astype(np.float32), plan
 
 
-def _stack(frames: list[np.ndarray]) -> np.ndarray:
-    """One frame -> (I, J, K); several -> (I, J, K, T)."""
-    return frames[0] if len(frames) == 1 else np.stack(frames, axis=-1)
-
-
 def enhance_volume(
     model: nn.Module,
     volume: Volume,
@@ -222,7 +217,7 @@ def enhance_volume(
     values = volume.values(np.float32)
     if norm is None:
         norm = IntensityNorm.fit(values, norm_mode, norm_lower, norm_upper)
-    frames = [values] if values.ndim == 3 else [values[..., t] for t in range(values.shape[3])]
+    frames = split_frames(values)
     factor = tuple(int(f) for f in upsample_factor)
     outputs, stds = [], []
     used_level = None
@@ -268,12 +263,12 @@ def enhance_volume(
     affine = fine_affine(volume.affine, factor) if any(f != 1 for f in factor) else volume.affine
     meta = volume.meta.copy()
     meta.provenance.append(description)
-    out = Volume(_stack(outputs), affine, meta)
+    out = Volume(join_frames(outputs), affine, meta)
     uncertainty = None
     if stds:
         u_meta = volume.meta.copy()
         u_meta.provenance.append(f"{description}: per-voxel standard deviation of {n_samples} samples")
-        uncertainty = Volume(_stack(stds), affine, u_meta)
+        uncertainty = Volume(join_frames(stds), affine, u_meta)
     return EnhanceResult(
         volume=out,
         uncertainty=uncertainty,
