@@ -89,6 +89,21 @@ def ingest(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or summary; problems only.")
     ] = False,
+    max_image_mb: Annotated[
+        float,
+        typer.Option(
+            "--max-image-mb",
+            min=1,
+            help="Refuse, before decoding, any image declaring a larger decoded size (MB).",
+        ),
+    ] = 2048.0,
+    max_lines: Annotated[
+        int,
+        typer.Option("--max-lines", min=0, help="Quarantine lines shown before a count."),
+    ] = 20,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an internal error.")
+    ] = False,
 ) -> None:
     """Convert every DICOM series, NIfTI and NRRD/MHA file under SRC to NIfTI + JSON.
 
@@ -96,15 +111,33 @@ def ingest(
     stopped resumes where it left off. Files that cannot be used are reported, one line
     each, and do not stop the rest. Input files are never modified.
     """
+    from medgen.errors import MedgenError
     from medgen.stages.ingest import ingest as run_ingest
 
-    summary = run_ingest(src, out, workers=workers, keep_phi=keep_phi, progress=not quiet)
-    _print_ingest_summary(summary, quiet=quiet)
+    try:
+        summary = run_ingest(
+            src, out, workers=workers, keep_phi=keep_phi, progress=not quiet,
+            max_image_mb=max_image_mb,
+        )
+    except MedgenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug in medgen: one line unless --debug
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        typer.echo(
+            f"medgen: internal error: {type(exc).__name__}: {first} "
+            "(a bug in medgen; rerun with --debug for the traceback)",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    _print_ingest_summary(summary, quiet=quiet, max_lines=max_lines)
     raise typer.Exit(summary.exit_code)
 
 
-def _print_ingest_summary(summary: IngestSummary, *, quiet: bool) -> None:
-    """A table of what happened, then one line per quarantined file or series."""
+def _print_ingest_summary(summary: IngestSummary, *, quiet: bool, max_lines: int = 20) -> None:
+    """A table of what happened, then one line per quarantined file or series (the first
+    ``max_lines``, then a count; all of them are in the manifest)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -127,8 +160,19 @@ def _print_ingest_summary(summary: IngestSummary, *, quiet: bool) -> None:
         out.print(table)
         for note in summary.notes:
             out.print(f"note: {note}", markup=False)
-    for path, reason in summary.quarantined:
+    for path, reason in summary.quarantined[:max_lines]:
         err.print(f"quarantined: {path}: {reason}", markup=False)
+    hidden = len(summary.quarantined) - max_lines
+    if hidden > 0:
+        err.print(
+            f"... and {hidden} more quarantined (see {summary.dst / 'manifest.sqlite'})",
+            markup=False,
+        )
+    if summary.warnings_logged and not quiet:
+        err.print(
+            f"{summary.warnings_logged} reader warnings written to {summary.log_path}",
+            markup=False,
+        )
     if summary.exit_code == 4:
         err.print(f"nothing usable found in {summary.src}", markup=False)
 
@@ -156,10 +200,12 @@ def run_pipeline_command(
 
 
 def _register_enhancement_commands() -> None:
-    """train / enhance / evaluate / degrade: their options live beside their stages."""
+    """train / enhance / evaluate / degrade / synthesize: their options live beside their stages."""
     from medgen.stages.enhance_cli import register
+    from medgen.stages.synthesis_cli import register as register_synthesis
 
     register(app)
+    register_synthesis(app)
 
 
 _register_enhancement_commands()

@@ -35,8 +35,11 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DegradationConfig",
+    "AutoencoderConfig",
     "DiffusionConfig",
     "DiscriminatorConfig",
+    "GridConfig",
+    "LatentDiffusionConfig",
     "LossConfig",
     "ModelConfig",
     "NormalisationConfig",
@@ -49,8 +52,11 @@ __all__ = [
     "load_config",
 ]
 
-ModelKind = Literal["unet", "gan", "diffusion"]
-Task = Literal["denoise", "super_resolution"]
+ModelKind = Literal["unet", "gan", "diffusion", "autoencoder", "latent_diffusion"]
+SYNTHESIS_KINDS = ("autoencoder", "latent_diffusion")
+LatentTraining = Literal["ddpm", "rflow"]
+SamplerName = Literal["ddpm", "ddim", "rflow"]
+Task = Literal["denoise", "super_resolution", "synthesis"]
 NormMode = Literal["percentile", "fixed"]
 LrSchedule = Literal["constant", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -102,18 +108,89 @@ class DiffusionConfig(_Section):
 
     @model_validator(mode="after")
     def _levels_match(self) -> DiffusionConfig:
-        if len(self.attention_levels) != len(self.channels):
-            raise ValueError(
-                f"`attention_levels` needs one entry per level of `channels` "
-                f"({len(self.channels)}), got {len(self.attention_levels)}"
-            )
-        for c in self.channels:
-            if c % self.norm_num_groups:
-                raise ValueError(
-                    f"every entry of `channels` must be a multiple of `norm_num_groups` "
-                    f"({self.norm_num_groups}), got {c}"
-                )
+        _check_levels(self.channels, self.attention_levels, self.norm_num_groups)
         return self
+
+
+class AutoencoderConfig(_Section):
+    """MONAI ``AutoencoderKL`` (3D): each level after the first halves every axis, so three
+    levels compress 4x per axis into ``latent_channels`` channels."""
+
+    channels: Annotated[list[PositiveInt], Field(min_length=1)] = [32, 64, 64]
+    attention_levels: list[bool] = [False, False, False]
+    num_res_blocks: PositiveInt = 1
+    latent_channels: PositiveInt = 3
+    norm_num_groups: PositiveInt = 16
+    with_nonlocal_attention: bool = False
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> AutoencoderConfig:
+        _check_levels(self.channels, self.attention_levels, self.norm_num_groups)
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        """Voxels per latent voxel along each axis."""
+        return 2 ** (len(self.channels) - 1)
+
+
+class LatentDiffusionConfig(_Section):
+    """MONAI ``DiffusionModelUNet`` on the frozen autoencoder's (1/std scaled) latents.
+
+    ``autoencoder`` is the trained autoencoder (model file, run folder or MLflow URI; relative
+    paths against the config file). ``training``: ``ddpm`` (noise/v prediction, sampled with
+    DDPM or DDIM) or ``rflow`` (rectified flow, sampled with ``RFlowScheduler``).
+    Conditioning: a class label (``num_classes`` > 0, read from the labels CSV column
+    ``label``) through ``num_class_embeds``, and scalar ``covariates`` (CSV columns, scaled
+    to [0, 1] by their training range) through cross-attention. ``label_dropout`` trains an
+    unconditional class as well, for classifier-free guidance. ``flip_augment`` adds every
+    training scan's left-right mirror image.
+    """
+
+    autoencoder: str = ""
+    channels: Annotated[list[PositiveInt], Field(min_length=1)] = [32, 64, 64]
+    attention_levels: list[bool] = [False, False, True]
+    num_res_blocks: PositiveInt = 1
+    norm_num_groups: PositiveInt = 16
+    num_head_channels: PositiveInt = 16
+    num_train_timesteps: PositiveInt = 1000
+    schedule: BetaSchedule = "scaled_linear_beta"
+    prediction_type: PredictionType = "epsilon"
+    training: LatentTraining = "ddpm"
+    num_classes: int = Field(0, ge=0)
+    covariates: list[str] = []
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    flip_augment: bool = True
+    sampler: SamplerName = "ddim"
+    sampling_steps: Annotated[int, Field(gt=0, le=1000)] = 25
+    guidance_scale: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> LatentDiffusionConfig:
+        _check_levels(self.channels, self.attention_levels, self.norm_num_groups)
+        for c in self.channels:
+            if any(self.attention_levels) and c % self.num_head_channels:
+                raise ValueError(
+                    f"every entry of `channels` must be a multiple of `num_head_channels` "
+                    f"({self.num_head_channels}) when attention is on, got {c}"
+                )
+        if len(set(self.covariates)) != len(self.covariates):
+            raise ValueError(f"`covariates` must not repeat a name, got {self.covariates}")
+        return self
+
+
+def _check_levels(channels: list[int], attention_levels: list[bool], groups: int) -> None:
+    """One attention flag per level, and channel counts the group norm can split."""
+    if len(attention_levels) != len(channels):
+        raise ValueError(
+            f"`attention_levels` needs one entry per level of `channels` "
+            f"({len(channels)}), got {len(attention_levels)}"
+        )
+    for c in channels:
+        if c % groups:
+            raise ValueError(
+                f"every entry of `channels` must be a multiple of `norm_num_groups` ({groups}), got {c}"
+            )
 
 
 class ModelConfig(_Section):
@@ -130,6 +207,18 @@ class ModelConfig(_Section):
     unet: UNetConfig = Field(default_factory=UNetConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    latent_diffusion: LatentDiffusionConfig = Field(default_factory=LatentDiffusionConfig)
+
+    @model_validator(mode="after")
+    def _synthesis_task(self) -> ModelConfig:
+        synthesis = self.kind in SYNTHESIS_KINDS
+        if synthesis and "task" not in self.model_fields_set:
+            object.__setattr__(self, "task", "synthesis")  # the only task these kinds have
+        if synthesis != (self.task == "synthesis"):
+            wanted = "synthesis" if synthesis else "denoise or super_resolution"
+            raise ValueError(f"`task` must be {wanted} for a {self.kind!r} model, got {self.task!r}")
+        return self
 
 
 class LossConfig(_Section):
@@ -138,6 +227,20 @@ class LossConfig(_Section):
     l1: float = Field(1.0, ge=0.0)
     ssim: float = Field(0.0, ge=0.0)
     adversarial: float = Field(0.01, ge=0.0)
+    kl: float = Field(1e-6, ge=0.0)
+    perceptual: float = Field(0.0, ge=0.0)
+    perceptual_network: Literal["squeeze", "alex", "vgg"] = "squeeze"
+    perceptual_weights: Path | None = None
+    adversarial_start_step: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _perceptual_weights(self) -> LossConfig:
+        if self.perceptual > 0 and self.perceptual_weights is None:
+            raise ValueError(
+                "`perceptual` > 0 needs `perceptual_weights`: a local weights file "
+                "(nothing is downloaded); set `perceptual: 0` to train without it"
+            )
+        return self
 
 
 class TrainingConfig(_Section):
@@ -206,14 +309,32 @@ class NormalisationConfig(_Section):
         return self
 
 
+class GridConfig(_Section):
+    """The common grid synthesis models work on: every scan is reoriented to RAS and
+    resampled onto ``shape_vox`` voxels of ``spacing_mm``, centred on the scan's centre."""
+
+    shape_vox: Triple = [48, 48, 48]
+    spacing_mm: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)] = [
+        4.0,
+        4.0,
+        4.0,
+    ]
+
+
 class DataConfig(_Section):
     """Clean scans for training and validation (NIfTI files or DICOM folders, globs allowed).
 
-    Relative paths are resolved against the folder of the config file.
+    Relative paths are resolved against the folder of the config file. Synthesis models may
+    take their scans from ``labels_csv`` instead (a ``file`` column, relative to the CSV,
+    plus ``label`` and covariate columns); ``val_fraction`` of its rows (at least one) are
+    held back for validation. ``grid`` puts every scan on one common grid first.
     """
 
     train: list[str] = []
     val: list[str] = []
+    labels_csv: str | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    grid: GridConfig | None = None
     patch_size_vox: Triple = [32, 32, 32]
     normalisation: NormalisationConfig = Field(default_factory=NormalisationConfig)
     foreground_only: bool = True
@@ -292,18 +413,32 @@ def format_validation_error(source: str | Path, exc: ValidationError) -> str:
 
 
 def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
-    """Make ``data.train``/``data.val`` and ``training.out_dir`` absolute against ``base_dir``."""
+    """Make data paths, the autoencoder path, the perceptual weights and ``training.out_dir``
+    absolute against ``base_dir``."""
 
     def resolve(entry: str) -> str:
         p = Path(entry).expanduser()
         return str(p if p.is_absolute() else (base_dir / p))
 
-    data = cfg.data.model_copy(
-        update={"train": [resolve(e) for e in cfg.data.train], "val": [resolve(e) for e in cfg.data.val]}
-    )
+    update: dict[str, Any] = {
+        "train": [resolve(e) for e in cfg.data.train],
+        "val": [resolve(e) for e in cfg.data.val],
+    }
+    if cfg.data.labels_csv:
+        update["labels_csv"] = resolve(cfg.data.labels_csv)
+    data = cfg.data.model_copy(update=update)
+    ld = cfg.model.latent_diffusion
+    if ld.autoencoder and "://" not in ld.autoencoder and not ld.autoencoder.startswith(("runs:", "models:")):
+        model = cfg.model.model_copy(
+            update={"latent_diffusion": ld.model_copy(update={"autoencoder": resolve(ld.autoencoder)})}
+        )
+        cfg = cfg.model_copy(update={"model": model})
+    loss = cfg.training.loss
+    if loss.perceptual_weights is not None:
+        loss = loss.model_copy(update={"perceptual_weights": Path(resolve(str(loss.perceptual_weights)))})
     out_dir = cfg.training.out_dir.expanduser()
     training = cfg.training.model_copy(
-        update={"out_dir": out_dir if out_dir.is_absolute() else base_dir / out_dir}
+        update={"out_dir": out_dir if out_dir.is_absolute() else base_dir / out_dir, "loss": loss}
     )
     return cfg.model_copy(update={"data": data, "training": training})
 

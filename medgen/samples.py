@@ -16,12 +16,14 @@ faint tissue texture and, for MR, a smooth multiplicative bias field.
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 
 __all__ = [
+    "HeadVariation",
     "MRContrast",
     "centred_affine",
     "ct_head_phantom",
@@ -119,10 +121,44 @@ def _ellipsoid(u: np.ndarray, centre, semi) -> np.ndarray:
     return np.sum(((u - c) / s) ** 2, axis=0) < 1.0
 
 
+@dataclass(frozen=True)
+class HeadVariation:
+    """Optional overrides of a phantom's anatomy; the defaults change nothing.
+
+    Lengths are fractions of the head's semi-axes (normalised head coordinates), so they mean
+    the same on any grid.
+
+    Attributes
+    ----------
+    ventricle_scale : float or None
+        Width and height of the lateral and third ventricles relative to the template
+        (the seed draws 0.8-1.4 when None).
+    lesions : tuple or None
+        ``((label, centre, half_axes), ...)`` with ``centre`` and ``half_axes`` 3-tuples in
+        normalised head coordinates (R, A, S); None keeps the seed's two lesions (one hyper-,
+        one hypointense), ``()`` paints none.
+    sulcal_width_scale : float
+        Widening of the CSF in the sulci (atrophy), 1 = template.
+    atrophy_fraction : float
+        Extra subarachnoid CSF between skull and brain, as a fraction of the head's
+        anterior-posterior semi-axis (0 = template).
+    """
+
+    ventricle_scale: float | None = None
+    lesions: tuple | None = None
+    sulcal_width_scale: float = 1.0
+    atrophy_fraction: float = 0.0
+
+
+_NO_VARIATION = HeadVariation()
+
+
 class _HeadModel:
     """Every random choice of one phantom, drawn up front; evaluated on any set of points."""
 
-    def __init__(self, extent_mm: np.ndarray, seed: int) -> None:
+    def __init__(
+        self, extent_mm: np.ndarray, seed: int, variation: HeadVariation = _NO_VARIATION
+    ) -> None:
         rng = np.random.default_rng(seed)
         fields = _Fields(rng)
         semi_y = 0.88 * extent_mm[1] / 2
@@ -142,6 +178,14 @@ class _HeadModel:
             direction = rng.standard_normal(3)
             centre = direction / np.linalg.norm(direction) * rng.uniform(0.25, 0.55)
             self.lesions.append((label, centre, rng.uniform(0.05, 0.09) * rng.uniform(0.7, 1.3, 3)))
+        # Overrides come after every draw, so the seed's other choices stay the same.
+        if variation.ventricle_scale is not None:
+            self.ventricle_size = float(variation.ventricle_scale)
+        if variation.lesions is not None:
+            self.lesions = [(int(lb), np.asarray(c), np.asarray(h))
+                            for lb, c, h in variation.lesions]  # fmt: skip
+        self.sulcal_csf_width = 0.22 * variation.sulcal_width_scale
+        self.brain_depth_mm = 14.0 * self.scale + variation.atrophy_fraction * self.semi[1]
 
     def labels(self, p_mm: np.ndarray) -> np.ndarray:
         """Tissue labels, shape (N,) uint8, at RAS points ``p_mm`` of shape (3, N)."""
@@ -160,8 +204,8 @@ class _HeadModel:
         # Anterior cranial fossa floor: the face (orbits) lies below it, the brain above.
         fossa_floor = -0.2 - 0.9 * np.maximum(0.5 - y, 0.0)
         face = (z < fossa_floor) & (depth > 10.0 * scale)
-        idx = np.flatnonzero((depth > 14.0 * scale) & ~face)
-        labels[idx] = self._brain(u[:, idx], depth[idx] - 14.0 * scale)
+        idx = np.flatnonzero((depth > self.brain_depth_mm) & ~face)
+        labels[idx] = self._brain(u[:, idx], depth[idx] - self.brain_depth_mm)
         # Face: soft tissue, orbital roof, ethmoid air cells, eyes and lenses.
         labels[face] = np.where(_Fields.sample(self.face_mix, u[:, face]) > 0.2, FAT, MUSCLE)
         roof = np.abs(z - fossa_floor) * semi[2] < 1.5 * scale
@@ -201,7 +245,8 @@ class _HeadModel:
         tissue = np.full(bd.size, WM, np.uint8)
         near_sulcus = (np.abs(sulcal) < 1.0) & (surface < sulcus_depth + cortex_mm)
         tissue[(surface < cortex_mm) | near_sulcus] = GM
-        tissue[(surface < 0) | ((np.abs(sulcal) < 0.22) & (surface < sulcus_depth))] = CSF
+        sulcal_csf = np.abs(sulcal) < self.sulcal_csf_width
+        tissue[(surface < 0) | (sulcal_csf & (surface < sulcus_depth))] = CSF
 
         # Cerebellum below a sloping tentorium: folia alternate grey and white matter.
         tentorium = -0.38 - 0.3 * (yb + 0.25)
@@ -256,7 +301,14 @@ def _evaluate(shape, affine: np.ndarray, fn, dtype, points_per_slab: int = 1 << 
     return out
 
 
-def head_labels(shape, affine: np.ndarray, seed: int) -> np.ndarray:
+def head_labels(
+    shape,
+    affine: np.ndarray,
+    seed: int,
+    *,
+    variation: HeadVariation | None = None,
+    extent_mm=None,
+) -> np.ndarray:
     """Tissue label map (uint8, values ``AIR`` .. ``LENS``) of the phantom on a grid.
 
     Parameters
@@ -266,6 +318,11 @@ def head_labels(shape, affine: np.ndarray, seed: int) -> np.ndarray:
         Voxel -> RAS mm. The head is centred at (0, 0, 0) mm and sized to fill the field
         of view (``abs(affine[:3, :3]) @ shape``).
     seed : int
+    variation : HeadVariation, optional
+        Anatomy overrides (ventricle size, lesions, atrophy); None = the seed's anatomy.
+    extent_mm : 3 floats, optional
+        The field of view (R, A, S) in mm that the head is sized to, when it should differ
+        from the grid's own (a smaller head in a larger field of view, or one cut off).
 
     Returns
     -------
@@ -273,7 +330,9 @@ def head_labels(shape, affine: np.ndarray, seed: int) -> np.ndarray:
     """
     shape = tuple(int(n) for n in shape)
     extent = np.abs(affine[:3, :3]) @ np.asarray(shape, float)  # FOV along R, A, S in mm
-    model = _HeadModel(extent, seed)
+    if extent_mm is not None:
+        extent = np.asarray(extent_mm, float)
+    model = _HeadModel(extent, seed, variation or _NO_VARIATION)
     return _evaluate(shape, affine, model.labels, np.uint8)
 
 

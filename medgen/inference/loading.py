@@ -91,3 +91,63 @@ def load_model(
         raise InputError(path, f"weights do not match the stored config ({first})") from None
     network.to(torch.device(device)).eval()
     return LoadedModel(model=network, config=config, metadata=metadata, path=path, source=str(model))
+
+
+@dataclass
+class SynthesisModel:
+    """A latent diffusion model ready to generate: network, sampling settings and what it
+    makes (grid, units, conditions). ``source`` is how the user named it."""
+
+    model: nn.Module
+    settings: Any  # medgen.inference.synthesis.DiffusionSettings
+    spec: Any  # medgen.data.synthesis_data.SynthesisSpec
+    source: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def generate(self, request, *, device="cpu", tile_latent_vox: int | None = None, progress: bool = False):
+        """Volumes for ``request`` (:class:`medgen.inference.synthesis.SynthesisRequest`)."""
+        from medgen.inference.synthesis import generate_volumes
+
+        return generate_volumes(
+            self.model, self.settings, self.spec, request, device=device, source=self.source,
+            tile_latent_vox=tile_latent_vox, progress=progress,
+        )  # fmt: skip
+
+
+def is_bundle_folder(path: str | Path) -> bool:
+    """A MONAI model-zoo bundle: a folder with ``configs/`` (JSON) and ``models/``."""
+    p = Path(path)
+    return p.is_dir() and (p / "configs").is_dir()
+
+
+def load_synthesis_model(
+    model: str | Path, *, device: str | torch.device = "cpu", tracking_uri: str | None = None
+) -> SynthesisModel:
+    """A synthesis model from a medgen model file/URI (``latent_diffusion``) or a local
+    MONAI bundle folder (:func:`medgen.models.bundle.load_bundle`).
+
+    Raises
+    ------
+    InputError
+        Not a synthesis model, or a bundle without what it needs.
+    """
+    from medgen.data.synthesis_data import SynthesisSpec
+    from medgen.inference.synthesis import DiffusionSettings
+
+    if is_bundle_folder(model):
+        from medgen.models.bundle import load_bundle
+
+        return load_bundle(model, device=device)
+    loaded = load_model(model, device=device, tracking_uri=tracking_uri)
+    if loaded.kind != "latent_diffusion":
+        raise InputError(loaded.path or model, f"is a {loaded.kind} model, not a synthesis (latent_diffusion) model")
+    spec = loaded.metadata.get("synthesis")
+    if not spec:
+        raise InputError(loaded.path or model, "has no synthesis metadata (grid, units): was it trained by medgen?")
+    return SynthesisModel(
+        model=loaded.model,
+        settings=DiffusionSettings.from_config(loaded.config),
+        spec=SynthesisSpec.from_dict(spec),
+        source=str(model),
+        metadata=loaded.metadata,
+    )

@@ -1,4 +1,4 @@
-"""DDIM sampling of a conditional diffusion model, and sample ensembles with uncertainty.
+"""Reverse diffusion (DDPM, DDIM, rectified flow) and sample ensembles with uncertainty.
 
 A sampler sees the network only as a callable ``predict(x_t, t) -> output`` (noise, ``v`` or
 sample, as the scheduler was told), so this module imports no model code. For whole volumes
@@ -46,15 +46,39 @@ def ddim_sample(
         The sample, shape ``shape``, float32 on ``device``.
     """
     x = torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
+    return reverse_diffusion(predict, x, scheduler, progress=progress, description=description)
+
+
+def reverse_diffusion(
+    predict: Predict,
+    x: torch.Tensor,
+    scheduler,
+    *,
+    step_generator: torch.Generator | None = None,
+    progress: bool = False,
+    description: str = "sampling",
+) -> torch.Tensor:
+    """Walk a MONAI scheduler's timesteps from the state ``x`` (pure noise) to a sample.
+
+    Works with ``DDIMScheduler`` (deterministic), ``DDPMScheduler`` (ancestral: fresh noise
+    each step from ``step_generator``, on ``x``'s device) and ``RFlowScheduler`` (Euler
+    steps of the velocity, each to the next timestep and the last one to 0).
+    """
     steps = [int(t) for t in scheduler.timesteps]
     iterator = steps
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(steps, desc=description, leave=False)
-    for t in iterator:
+    kind = type(scheduler).__name__
+    for i, t in enumerate(iterator):
         output = predict(x, t).float()
-        x, _ = scheduler.step(output, t, x)
+        if kind == "RFlowScheduler":
+            x, _ = scheduler.step(output, t, x, steps[i + 1] if i + 1 < len(steps) else 0)
+        elif kind == "DDPMScheduler":
+            x, _ = scheduler.step(output, t, x, generator=step_generator)
+        else:
+            x, _ = scheduler.step(output, t, x)
     return x
 
 

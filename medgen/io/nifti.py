@@ -68,6 +68,8 @@ def _parse_descrip(descrip: str) -> dict[str, str]:
         key, sep, value = token.partition("=")
         if sep and key in ("modality", "units") and value:
             out[key] = value
+        elif token == "SYNTHETIC":
+            out["synthetic"] = "true"
     return out
 
 
@@ -142,6 +144,8 @@ def read_nifti(path: str | Path) -> Volume:
         descrip.decode("latin-1", "replace") if isinstance(descrip, bytes) else str(descrip)
     )
     acquisition: dict = {}
+    if tags.get("synthetic"):
+        acquisition["synthetic"] = True  # a generated volume stays marked through any stage
     zooms = header.get_zooms()
     if array.ndim == 4 and len(zooms) > 3 and zooms[3] > 0 and time_unit in _TIME_TO_S:
         acquisition["RepetitionTime"] = float(zooms[3]) * _TIME_TO_S[time_unit]
@@ -158,6 +162,8 @@ def _descrip(volume: Volume) -> bytes:
     from medgen import __version__
 
     parts = [f"medgen {__version__}"]
+    if volume.meta.acquisition.get("synthetic") is True:
+        parts.insert(0, "SYNTHETIC")  # first, so the 80-byte field can never cut it off
     if volume.meta.modality:
         parts.append(f"modality={volume.meta.modality.replace(' ', '_')}")
     parts.append(f"units={volume.meta.units.replace(' ', '_')}")

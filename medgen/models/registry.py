@@ -8,7 +8,7 @@ from torch import nn
 
 from medgen.config import ModelConfig, PipelineConfig
 
-MODEL_KINDS = ("unet", "gan", "diffusion")
+MODEL_KINDS = ("unet", "gan", "diffusion", "autoencoder", "latent_diffusion")
 
 
 def _residual_unet(cfg: ModelConfig) -> nn.Module:
@@ -37,11 +37,37 @@ def _diffusion(cfg: ModelConfig) -> nn.Module:
     )
 
 
+def _autoencoder(cfg: ModelConfig) -> nn.Module:
+    from medgen.models.autoencoder import build_autoencoder
+
+    return build_autoencoder(cfg.autoencoder)
+
+
+def _latent_diffusion(cfg: ModelConfig) -> nn.Module:
+    from medgen.models.autoencoder import build_autoencoder
+    from medgen.models.latent_diffusion import LatentDenoiser, LatentDiffusionModel
+
+    ld = cfg.latent_diffusion
+    denoiser = LatentDenoiser(
+        latent_channels=cfg.autoencoder.latent_channels,
+        channels=tuple(ld.channels),
+        attention_levels=tuple(ld.attention_levels),
+        num_res_blocks=ld.num_res_blocks,
+        norm_num_groups=ld.norm_num_groups,
+        num_head_channels=ld.num_head_channels,
+        num_classes=ld.num_classes,
+        num_covariates=len(ld.covariates),
+    )
+    return LatentDiffusionModel(build_autoencoder(cfg.autoencoder), denoiser)
+
+
 # The GAN's generator is the supervised residual U-Net; its critic is built separately.
 _BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "unet": _residual_unet,
     "gan": _residual_unet,
     "diffusion": _diffusion,
+    "autoencoder": _autoencoder,
+    "latent_diffusion": _latent_diffusion,
 }
 
 
@@ -50,7 +76,7 @@ def _model_section(cfg: ModelConfig | PipelineConfig) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig | PipelineConfig) -> nn.Module:
-    """The network that enhances a volume, freshly initialised.
+    """The network of ``cfg.model.kind``, freshly initialised.
 
     Parameters
     ----------
@@ -60,14 +86,17 @@ def build_model(cfg: ModelConfig | PipelineConfig) -> nn.Module:
     -------
     torch.nn.Module
         ``unet``/``gan``: :class:`~medgen.models.unet.ResidualUNet`;
-        ``diffusion``: :class:`~medgen.models.diffusion.ConditionalDiffusionUNet`.
+        ``diffusion``: :class:`~medgen.models.diffusion.ConditionalDiffusionUNet`;
+        ``autoencoder``: MONAI ``AutoencoderKL``; ``latent_diffusion``:
+        :class:`~medgen.models.latent_diffusion.LatentDiffusionModel` (the autoencoder, whose
+        architecture is ``model.autoencoder``, inside).
     """
     model_cfg = _model_section(cfg)
     return _BUILDERS[model_cfg.kind](model_cfg)
 
 
 def build_discriminator(cfg: ModelConfig | PipelineConfig) -> nn.Module:
-    """MONAI ``PatchDiscriminator`` judging ``(B, 1, D, H, W)`` patches, for ``kind: gan``."""
+    """MONAI ``PatchDiscriminator`` judging ``(B, 1, D, H, W)`` patches (``gan``, ``autoencoder``)."""
     from monai.networks.nets import PatchDiscriminator  # lazy: MONAI is heavy to import
 
     d = _model_section(cfg).discriminator

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from medgen.config import PipelineConfig, load_config
+from medgen.config import SYNTHESIS_KINDS, PipelineConfig, load_config
 from medgen.errors import ConfigError
 
 MODEL_FILE = "model.pt"
@@ -57,10 +57,15 @@ def seed_everything(seed: int) -> None:
 def portable_config(cfg: PipelineConfig) -> PipelineConfig:
     """``cfg`` without local paths (data files, output folder), for checkpoints and MLflow:
     folder names may name patients, and the data is identified by its hash instead."""
+    ld = cfg.model.latent_diffusion
+    autoencoder = Path(ld.autoencoder).name if ld.autoencoder and "://" not in ld.autoencoder else ld.autoencoder
     return cfg.model_copy(
         update={
-            "data": cfg.data.model_copy(update={"train": [], "val": []}),
+            "data": cfg.data.model_copy(update={"train": [], "val": [], "labels_csv": None}),
             "training": cfg.training.model_copy(update={"out_dir": Path(".")}),
+            "model": cfg.model.model_copy(
+                update={"latent_diffusion": ld.model_copy(update={"autoencoder": autoencoder})}
+            ),
         }
     )
 
@@ -124,7 +129,10 @@ def _check_grid(cfg: PipelineConfig, source: str) -> None:
 
 def check_trainable(cfg: PipelineConfig, source: str) -> None:
     """Rules across sections, checked before any work: patch sizes the network can pool, and a
-    model that refines the grid exactly as much as the degradations coarsen it."""
+    model that refines the grid exactly as much as the degradations coarsen it (synthesis
+    models check their shapes when their data is prepared)."""
+    if cfg.model.kind in SYNTHESIS_KINDS:
+        return
     _check_patch_size(cfg, source)
     _check_grid(cfg, source)
 
@@ -251,18 +259,26 @@ def train(
     dist = init_distributed(t.device)
     try:
         seed_everything(t.seed + dist.rank)
-        paths, volumes = _training_volumes(cfg)
-        batches = PatchPairs(
-            volumes,
-            [DegradationSpec(d.name, dict(d.params)) for d in cfg.degradations],
-            cfg.data.patch_size_vox,
-            t.batch_size,
-            seed=t.seed,
-            rank=dist.rank,
-        )
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = build_model(cfg)
-        objective = build_objective(cfg)
+        synthesis = None
+        if cfg.model.kind in SYNTHESIS_KINDS:
+            from medgen.stages.train_synthesis import synthesis_training
+
+            synthesis = synthesis_training(cfg, dist, str(config_path))
+            cfg, paths, batches = synthesis.config, synthesis.paths, synthesis.batches
+            model, objective = synthesis.model, synthesis.objective
+        else:
+            paths, volumes = _training_volumes(cfg)
+            batches = PatchPairs(
+                volumes,
+                [DegradationSpec(d.name, dict(d.params)) for d in cfg.degradations],
+                cfg.data.patch_size_vox,
+                t.batch_size,
+                seed=t.seed,
+                rank=dist.rank,
+            )
+            torch.manual_seed(t.seed)  # identical initial weights on every rank
+            model = build_model(cfg)
+            objective = build_objective(cfg)
         seed_everything(t.seed + dist.rank)
 
         out_dir = Path(t.out_dir)
@@ -303,7 +319,8 @@ def train(
                         "world_size": dist.world_size,
                     }
                 )
-                for key in ("data.train", "data.val", "training.out_dir"):
+                for key in ("data.train", "data.val", "data.labels_csv", "training.out_dir",
+                            "model.latent_diffusion.autoencoder"):  # fmt: skip
                     params.pop(key, None)  # local paths may name people; the hash identifies the data
                 tracker.log_params(run_id, params)
                 tracker.log_artifact(run_id, config_path, "config")
@@ -315,7 +332,12 @@ def train(
             "data_sha256": data_hash,
             "mlflow_run_id": run.run_id if run is not None else None,
         }
-        pairs = _validation_pairs(cfg) if dist.is_main else []
+        if synthesis is not None:
+            metadata.update(synthesis.metadata)
+            validator = synthesis.make_validator(run, dist.device) if dist.is_main and synthesis.make_validator else None
+        else:
+            pairs = _validation_pairs(cfg) if dist.is_main else []
+            validator = _make_validator(cfg, pairs, run, dist.device) if pairs else None
         trainer = Trainer(
             model,
             objective,
@@ -331,11 +353,11 @@ def train(
             checkpoint_dir=ckpt_dir,
             checkpoint_every=t.checkpoint_every,
             log_every=t.log_every,
-            val_every=t.val_every if pairs else 0,
+            val_every=t.val_every if validator is not None else 0,
             metadata=metadata,
             dist=dist,
             on_log=(lambda step, logs: run.log_metrics(logs, step=step)) if run is not None else None,
-            on_validate=_make_validator(cfg, pairs, run, dist.device) if pairs else None,
+            on_validate=validator,
             progress=progress,
         )
         resumed_from = 0

@@ -127,19 +127,23 @@ class AdversarialObjective(SupervisedObjective):
     def _critic(self, x: torch.Tensor) -> torch.Tensor:
         return self._d_model(x)[-1]
 
+    def _generator_adversarial(self, output: torch.Tensor, logs: dict[str, float]) -> torch.Tensor:
+        """The generator's adversarial loss on ``output`` (critic frozen for this pass)."""
+        for p in self.discriminator.parameters():
+            p.requires_grad_(False)
+        # The unwrapped critic: no gradient for it here, so DDP must not expect one.
+        critic = self.discriminator(output)[-1]
+        g_adv = self._adv(critic.float(), target_is_real=True, for_discriminator=False)
+        for p in self.discriminator.parameters():
+            p.requires_grad_(True)
+        logs["g_adv"] = float(g_adv.detach())
+        return g_adv
+
     def forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         output = model(batch["degraded"], batch.get("noise_level"))
         loss, logs = self.reconstruction(output, batch["clean"])
         if self.adversarial_weight:
-            for p in self.discriminator.parameters():
-                p.requires_grad_(False)
-            # The unwrapped critic: no gradient for it here, so DDP must not expect one.
-            critic = self.discriminator(output)[-1]
-            g_adv = self._adv(critic.float(), target_is_real=True, for_discriminator=False)
-            for p in self.discriminator.parameters():
-                p.requires_grad_(True)
-            logs["g_adv"] = float(g_adv.detach())
-            loss = loss + self.adversarial_weight * g_adv
+            loss = loss + self.adversarial_weight * self._generator_adversarial(output, logs)
         self._fake = output.detach()
         logs["loss"] = float(loss.detach())
         return loss, logs
