@@ -30,6 +30,7 @@ Examples
 from __future__ import annotations
 
 import random
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -382,3 +383,59 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray, *, with_data: bool, signed: boo
         if big_endian:
             data = data.astype(dtype.newbyteorder(">"))
         ds.PixelData = data.tobytes()
+
+
+# ----------------------------------------------------------------------------- damage
+# Byte-level faults found in real archives and fuzzing; each rewrites one written file.
+
+
+def set_unknown_vr(path: str | Path, tag: tuple[int, int] = (0x0008, 0x0060), vr: bytes = b"ZZ") -> Path:
+    """Give one explicit-VR element an unknown VR code (``ZZ``): pydicom cannot parse it."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    needle = struct.pack("<HH", *tag)
+    at = data.find(needle, 132 + 12)  # past the preamble and the file meta group length
+    if at < 0:
+        raise ValueError(f"tag {tag} not found in {path}")
+    data[at + 4 : at + 6] = vr
+    path.write_bytes(bytes(data))
+    return path
+
+
+def claim_deflate(path: str | Path) -> Path:
+    """Relabel the transfer syntax as Deflated Explicit VR LE without deflating the data."""
+    path = Path(path)
+    ds = pydicom.dcmread(path)
+    raw = path.read_bytes()
+    old_uid = str(ds.file_meta.TransferSyntaxUID).encode()
+    old_uid += b"\x00" * (len(old_uid) % 2)
+    new_uid = b"1.2.840.10008.1.2.1.99"
+    at = raw.index(old_uid)
+    raw = raw[: at - 2] + struct.pack("<H", len(new_uid)) + new_uid + raw[at + len(old_uid) :]
+    group_at = raw.index(b"\x02\x00\x00\x00UL")  # (0002,0000) file meta group length
+    length = struct.unpack("<I", raw[group_at + 8 : group_at + 12])[0]
+    raw = raw[: group_at + 8] + struct.pack("<I", length + len(new_uid) - len(old_uid)) + raw[group_at + 12 :]
+    path.write_bytes(raw)
+    return path
+
+
+def jpeg2000_bomb(path: str | Path, claimed: tuple[int, int] = (60000, 60000)) -> Path:
+    """Rewrite an image as JPEG 2000 whose codestream claims ``claimed`` (cols, rows) pixels.
+
+    The DICOM header keeps its small Rows/Columns; only the codestream's SIZ marker lies,
+    so a decoder would allocate for the claim (a decompression bomb of a few KB).
+    """
+    import openjpeg
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    path = Path(path)
+    ds = pydicom.dcmread(path)
+    stream = bytearray(openjpeg.encode(ds.pixel_array, codec_format=0))
+    siz = stream.index(b"\xff\x4f\xff\x51") + 4
+    struct.pack_into(">II", stream, siz + 4, *claimed)  # Xsiz, Ysiz
+    ds.PixelData = encapsulate([bytes(stream)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.save_as(path, enforce_file_format=True)
+    return path

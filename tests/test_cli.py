@@ -58,7 +58,7 @@ def test_ingest_exit_0_prints_summary_table(good_src, tmp_path):
 
 
 def test_ingest_exit_3_lists_each_bad_file_on_one_line(good_src, tmp_path):
-    lone = write_series(good_src / "lone", shape=(6, 5, 1), series_number=7)
+    lone = write_series(good_src / "lone", shape=(6, 5, 3), series_number=7, same_position=True)
     trunc = write_series(good_src / "trunc", shape=(6, 5, 4), series_number=8, truncate=[3])
     result = runner.invoke(
         app, ["ingest", str(good_src), "--out", str(tmp_path / "out"), "--quiet"]
@@ -101,7 +101,7 @@ def test_usage_errors_exit_2(tmp_path, args):
 def test_console_script_converts_and_reports_without_traceback(good_src, tmp_path):
     if not MEDGEN.exists():
         pytest.skip(f"console script not installed at {MEDGEN}")
-    bad = write_series(good_src / "lone", shape=(6, 5, 1), series_number=7)
+    bad = write_series(good_src / "lone", shape=(6, 5, 3), series_number=7, same_position=True)
     proc = subprocess.run(
         [str(MEDGEN), "ingest", str(good_src), "--out", str(tmp_path / "out"), "--workers", "2"],
         capture_output=True,

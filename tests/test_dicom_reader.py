@@ -95,10 +95,28 @@ def test_missing_slice_is_refused_with_reason(tmp_path):
         read_dicom_series(paths)
 
 
-def test_uneven_spacing_is_refused(tmp_path):
-    positions = [(0.0, 0.0, z) for z in (0.0, 2.0, 4.0, 7.1, 9.1)]
-    paths = write_series(tmp_path, shape=(6, 6, 5), positions=positions)
-    with pytest.raises(InputError, match="uneven slice spacing"):
+def test_uneven_spacing_is_resampled_to_a_regular_grid_and_said(tmp_path):
+    zs = (0.0, 2.0, 4.0, 7.1, 9.1)
+    paths = write_series(tmp_path, shape=(6, 6, 5), positions=[(0.0, 0.0, z) for z in zs])
+    result = read_dicom_series(paths)
+    volume = result.volumes[0]
+    # 9.1 mm at the smallest step (2 mm) -> 6 slices 1.82 mm apart, ends where the input ends.
+    assert volume.shape == (6, 6, 6)
+    np.testing.assert_allclose(volume.spacing_mm, (0.7, 0.8, 9.1 / 5), atol=1e-6)
+    stored = voxel_pattern(6, 6, 5).transpose(1, 0, 2).astype(float)  # (I=cols, J=rows, K)
+    np.testing.assert_array_equal(volume.array[:, :, 0], stored[:, :, 0])
+    np.testing.assert_array_equal(volume.array[:, :, 5], stored[:, :, 4])
+    # Slice 2 lies at 3.64 mm: 82 % of the way from the slice at 2 mm to the one at 4 mm.
+    expected = np.rint(stored[:, :, 1] * (1 - 0.82) + stored[:, :, 2] * 0.82)
+    np.testing.assert_array_equal(volume.array[:, :, 2], expected)
+    assert any("uneven slice spacing (2 to 3.1 mm) resampled" in n for n in volume.meta.provenance)
+    assert volume.meta.acquisition["SliceSpacingResampled"] is True
+
+
+def test_uneven_spacing_with_a_whole_missing_slice_is_still_refused(tmp_path):
+    zs = (0.0, 2.0, 4.0, 8.0, 10.0, 12.0)  # a slice at 6 mm is missing: not variable spacing
+    paths = write_series(tmp_path, shape=(4, 4, 6), positions=[(0.0, 0.0, z) for z in zs])
+    with pytest.raises(InputError, match=r"1 missing slice\(s\)"):
         read_dicom_series(paths)
 
 
@@ -127,26 +145,50 @@ def test_slices_at_one_position_are_refused(tmp_path):
         read_dicom_series(paths)
 
 
-def test_lone_slice_is_refused(tmp_path):
-    paths = write_series(tmp_path, shape=(6, 6, 1))
-    with pytest.raises(InputError, match="lone slice"):
-        read_dicom_series(paths)
+def test_one_image_series_is_a_one_slice_2d_volume(tmp_path):
+    paths = write_series(tmp_path, shape=(6, 5, 1), spacing=(0.8, 0.7, 3.5))
+    volume = read_dicom_series(paths).volumes[0]
+    assert volume.shape == (5, 6, 1)
+    np.testing.assert_allclose(volume.spacing_mm, (0.7, 0.8, 3.5))  # third from SliceThickness
+    assert volume.meta.acquisition["ImageDimensions"] == 2
+    assert any("2D image" in p for p in volume.meta.provenance)
+    np.testing.assert_array_equal(volume.array[:, :, 0], voxel_pattern(6, 5, 1)[:, :, 0].T)
 
 
 def test_mixed_matrix_sizes_split_and_odd_slice_is_rejected(tmp_path):
     paths = write_series(tmp_path, shape=(8, 8, 6), matrix_overrides={5: (4, 4)})
     result = read_dicom_series(paths)
     assert [v.shape for v in result.volumes] == [(8, 8, 5)]
-    assert result.rejected == [(paths[5].resolve(), "lone slice: a single image cannot form a 3D volume")]
+    ((path, reason),) = result.rejected
+    assert path == paths[5].resolve() and reason.startswith("lone slice: one image of a different")
 
 
-def test_corrupt_and_pixel_less_files_are_rejected_and_rest_converts(tmp_path):
-    paths = write_series(tmp_path, shape=(6, 6, 5), truncate=[0], no_pixel_data=[4])
-    result = read_dicom_series(paths)
-    reasons = dict(result.rejected)
-    assert "missing pixel data" in reasons[paths[4]]
-    assert "pixel data" in reasons[paths[0]]
-    assert [v.shape for v in result.volumes] == [(6, 6, 3)]
+@pytest.mark.parametrize("fault", [{"truncate": [2]}, {"no_pixel_data": [4]}, {"truncate": [0]}])
+def test_corrupt_image_refuses_its_volume_as_a_missing_slice(tmp_path, fault):
+    paths = write_series(tmp_path, shape=(6, 6, 5), **fault)
+    bad = paths[(fault.get("truncate") or fault.get("no_pixel_data"))[0]]
+    with pytest.raises(InputError) as info:
+        read_dicom_series(paths)
+    assert info.value.path == bad  # the line names the damaged file, not a good one
+    assert "corrupt image" in info.value.reason and "slice would be missing" in info.value.reason
+
+
+def test_corrupt_image_of_one_volume_leaves_the_others(tmp_path):
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    good = write_series(tmp_path, shape=(6, 6, 4), series_uid=uid, name_pattern="A{index}")
+    bad = write_series(tmp_path, shape=(8, 8, 4), series_uid=uid, name_pattern="B{index}",
+                       truncate=[1])
+    result = read_dicom_series(good + bad)
+    assert [v.shape for v in result.volumes] == [(6, 6, 4)]
+    reasons = {p.name: r for p, r in result.rejected}
+    assert sorted(reasons) == sorted(p.name for p in bad)
+    assert "cannot decode pixel data" in reasons[bad[1].name]
+
+
+def test_header_claiming_a_huge_image_is_refused_before_decoding(tmp_path):
+    paths = write_series(tmp_path, shape=(6, 6, 3), extra={"Rows": 60000, "Columns": 60000})
+    with pytest.raises(InputError, match=r"image too large to decode: declares 60000x60000"):
+        read_dicom_series(paths, max_image_mb=2048)
 
 
 def test_repeated_positions_with_acquisition_numbers_form_4d(tmp_path):

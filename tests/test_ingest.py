@@ -208,26 +208,17 @@ def test_renamed_series_replaces_its_old_outputs(tmp_path):
     assert len(names) == 2 and all("NEW_NAME" in n for n in names), names
 
 
-@pytest.mark.parametrize(
-    ("fault", "bad_slice", "reason_words"),
-    [
-        ({"truncate": [4]}, 4, "decode"),
-        ({"no_pixel_data": [4]}, 4, "pixel data"),
-        ({"matrix_overrides": {4: (10, 6)}}, 4, ""),
-    ],
-    ids=["truncated", "no-pixel-data", "mixed-matrix"],
-)
-def test_bad_file_gets_one_line_and_the_rest_converts(tmp_path, fault, bad_slice, reason_words):
+def test_odd_file_gets_one_line_and_the_rest_converts(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "out"
-    paths = _series(src / "s", shape=(8, 6, 5), **fault)
+    paths = _series(src / "s", shape=(8, 6, 5), matrix_overrides={4: (10, 6)})
     _series(src / "good", shape=(4, 4, 3), series_number=9)
     summary = ingest(src, dst, progress=False)
-    bad = paths[bad_slice].relative_to(src).as_posix()
+    bad = paths[4].relative_to(src).as_posix()
     assert [p for p, _ in summary.quarantined] == [bad]
     (reason,) = [r for p, r in summary.quarantined]
-    assert reason and "\n" not in reason and reason_words in reason
+    assert reason and "\n" not in reason
     assert summary.exit_code == 3
-    assert summary.counts["converted"] == 2  # the damaged series lost one file, not its volume
+    assert summary.counts["converted"] == 2  # the series lost one odd file, not its volume
     (s_out,) = [p for p in summary.volumes_written if "_s1_" in p.name]
     assert nib.load(s_out).shape[2] == 4
     with Manifest.open(dst) as m:
@@ -236,10 +227,50 @@ def test_bad_file_gets_one_line_and_the_rest_converts(tmp_path, fault, bad_slice
     assert all(fate == "converted" for p, (fate, _) in fates.items() if p != bad)
 
 
+def _cut(path: Path, n_bytes: int) -> None:
+    path.write_bytes(path.read_bytes()[:n_bytes])
+
+
+@pytest.mark.parametrize(
+    ("fault", "bad_slice", "reason_words"),
+    [
+        ({"truncate": [4]}, 4, "cannot decode pixel data"),
+        ({"truncate": [2]}, 2, "cannot decode pixel data"),
+        ({"no_pixel_data": [4]}, 4, "missing pixel data"),
+        ({"cut_to": 700}, 4, "corrupt image"),  # cut inside the header, as a copy cut short
+        ({"cut_to": 1000}, 2, "corrupt image"),
+    ],
+    ids=["truncated-last", "truncated-middle", "no-pixel-data", "cut-to-700", "cut-to-1000"],
+)
+def test_corrupt_image_refuses_its_series_as_a_missing_slice(
+    tmp_path, fault, bad_slice, reason_words
+):
+    src, dst = tmp_path / "src", tmp_path / "out"
+    fault = dict(fault)
+    cut_to = fault.pop("cut_to", None)
+    paths = _series(src / "s", shape=(8, 6, 5), **fault)
+    if cut_to:
+        _cut(paths[bad_slice], cut_to)
+    good = _series(src / "good", shape=(4, 4, 3), series_number=9)
+    summary = ingest(src, dst, progress=False)
+    bad = paths[bad_slice].relative_to(src).as_posix()
+    assert [p for p, _ in summary.quarantined] == [bad]  # one line, naming the damaged file
+    (reason,) = [r for p, r in summary.quarantined]
+    assert reason_words in reason and "slice would be missing" in reason and "\n" not in reason
+    assert summary.exit_code == 3
+    assert summary.counts["converted"] == 1 and summary.counts["quarantined"] == 1
+    (out,) = summary.volumes_written
+    assert "_s9_" in out.name and nib.load(out).shape == (4, 4, 3)  # never one slice short
+    with Manifest.open(dst) as m:
+        fates = {f.path: f.fate for f in m.files()}
+    assert all(fates[p.relative_to(src).as_posix()] == "quarantined" for p in paths)
+    assert all(fates[p.relative_to(src).as_posix()] == "converted" for p in good)
+
+
 @pytest.mark.parametrize(
     ("fault", "reason_words"),
-    [({"shape": (8, 6, 1)}, "slice"), ({"same_position": True}, "position")],
-    ids=["lone-slice", "one-position"],
+    [({"same_position": True}, "position"), ({"omit_slices": [2]}, "missing slice")],
+    ids=["one-position", "missing-slice"],
 )
 def test_unusable_series_is_quarantined_in_one_line(tmp_path, fault, reason_words):
     src, dst = tmp_path / "src", tmp_path / "out"
@@ -263,7 +294,7 @@ def test_nothing_usable_gives_exit_code_4(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "notes.txt").write_text("nothing here")
-    _series(src / "lone", shape=(4, 4, 1))
+    _series(src / "flat", shape=(4, 4, 3), same_position=True)
     summary = ingest(src, tmp_path / "out", progress=False)
     assert summary.n_volumes == 0 and summary.exit_code == 4
     empty = tmp_path / "empty"

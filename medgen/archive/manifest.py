@@ -123,9 +123,11 @@ def fingerprint(files: Iterable[tuple[str, int, int]], salt: str = "") -> str:
     >>> a == fingerprint([("s/1.dcm", 10, 5), ("s/2.dcm", 10, 7)])
     False
     """
-    digest = hashlib.sha256(salt.encode("utf-8"))
+    digest = hashlib.sha256(salt.encode("utf-8", errors="surrogateescape"))
     for path, size, mtime_ns in sorted(files):
-        digest.update(f"{path}\x1f{int(size)}\x1f{int(mtime_ns)}\n".encode())
+        # surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes.
+        line = f"{path}\x1f{int(size)}\x1f{int(mtime_ns)}\n"
+        digest.update(line.encode("utf-8", errors="surrogateescape"))
     return digest.hexdigest()
 
 
@@ -213,7 +215,7 @@ class Manifest:
                     "SELECT size, mtime_ns, kind, series_key FROM files WHERE path=?", (rec.path,)
                 ).fetchone()
                 if old == (rec.size, rec.mtime_ns, rec.kind, rec.series_key):
-                    if rec.fate == "skipped":  # a skip note may have been reworded
+                    if rec.fate != "pending":  # a skip note or reason may have been reworded
                         self._db.execute(
                             "UPDATE files SET fate=?, detail=? WHERE path=?",
                             (rec.fate, rec.detail, rec.path),

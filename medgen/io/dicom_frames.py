@@ -24,6 +24,10 @@ _IMAGE_KIND_WORDS = (
 )
 
 
+class CorruptImageError(InputError):
+    """An image file whose pixel data is missing, cut short or undecodable (a damaged copy)."""
+
+
 class SplitKey(NamedTuple):
     """What makes frames of one series belong to different volumes."""
 
@@ -66,11 +70,13 @@ class Frame:
 def frames_from_dataset(ds: Any, path: Path) -> list[Frame]:
     """All frames of one dataset read with pixel data."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise InputError(path, "missing pixel data")
+        raise CorruptImageError(path, "corrupt image: missing pixel data (file cut short?)")
     try:
         pixels = _native(ds.pixel_array)
     except Exception as exc:  # pydicom raises many types for corrupt or unsupported data
-        raise InputError(path, f"cannot decode pixel data ({_first_line(exc)})") from None
+        raise CorruptImageError(
+            path, f"corrupt image: cannot decode pixel data ({_first_line(exc)})"
+        ) from None
     if "PerFrameFunctionalGroupsSequence" in ds:
         return _enhanced_frames(ds, path, pixels)
     mosaic = _mosaic_slice_count(ds)
@@ -356,6 +362,7 @@ def _time_key(ds: Any) -> tuple:
         int(_float(ds.get("AcquisitionNumber"), 0) or 0),
         _float(ds.get("TriggerTime"), 0.0) or 0.0,
         str(ds.get("AcquisitionDateTime", "")) or str(ds.get("AcquisitionTime", "")),
+        str(ds.get("ContentTime", "")),
         int(_float(ds.get("InstanceNumber"), 0) or 0),
     )
 
@@ -387,6 +394,6 @@ def _round(value: Any) -> float | None:
     return None if out is None else round(out, 3)
 
 
-def _first_line(exc: Exception) -> str:
+def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:160]

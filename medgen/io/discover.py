@@ -7,19 +7,22 @@ nested folders, so classification looks at file contents, never at names alone.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-FileKind = Literal["dicom", "dicomdir", "nifti", "itk", "other"]
+#: "broken": looks like DICOM but cannot be used (unreadable header, no series UID ...).
+FileKind = Literal["dicom", "dicomdir", "nifti", "itk", "broken", "other"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # Header-only read: enough to group files into series without touching pixel data.
 _NIFTI_HEADER_SIZES = {struct.pack(o + "i", n) for o in "<>" for n in (348, 540)}
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SCAN_TAGS = ("SOPClassUID", "SeriesInstanceUID", "Modality", "Rows", "NumberOfFrames")
 
 
@@ -27,7 +30,10 @@ _SCAN_TAGS = ("SOPClassUID", "SeriesInstanceUID", "Modality", "Rows", "NumberOfF
 class FileEntry:
     """One file under the scanned root and what it is.
 
-    ``note`` says, for a file that is not an image, what it is instead (for people).
+    ``note`` says, for a file that is not an image, what it is instead (for people), or
+    for a ``"broken"`` file what is wrong with it. ``damage`` says why an image file of a
+    known series is corrupt (its series cannot be whole); ``warnings`` holds the reader's
+    warnings about the header, one line each.
     """
 
     path: Path
@@ -36,28 +42,50 @@ class FileEntry:
     mtime_ns: int
     series_uid: str | None = None
     note: str = ""
+    damage: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 def scan_tree(root: str | Path) -> Iterator[FileEntry]:
     """Classify every regular file under ``root`` (or ``root`` itself), in a stable order.
 
     Hidden files and folders (names starting with ".") are passed over: they hold
-    tool state such as medgen's own temporary files, never scans.
+    tool state such as medgen's own temporary files, never scans. Symbolic links are
+    followed (archives kept by git-annex or DataLad are trees of links), each real folder
+    is entered once, so a link back up the tree cannot loop, and a link to nothing is
+    reported as such.
     """
     root = Path(root)
     if root.is_file():
-        yield classify_file(root)
+        yield _classify_or_note(root)
         return
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such file or folder")
-    for folder, dirnames, filenames in os.walk(root):
+    seen_dirs: set[tuple[int, int]] = set()
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        here = _dir_id(folder)
+        if here is None or here in seen_dirs:
+            dirnames[:] = []  # a loop, or a folder already walked through another link
+            continue
+        seen_dirs.add(here)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             path = Path(folder) / name
-            if path.is_file() and not path.is_symlink():
+            if path.is_file():
                 yield _classify_or_note(path)
+            elif path.is_symlink():
+                yield FileEntry(path=path, kind="other", size=0, mtime_ns=0,
+                                note="broken symbolic link")
+
+
+def _dir_id(folder: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _classify_or_note(path: Path) -> FileEntry:
@@ -67,6 +95,9 @@ def _classify_or_note(path: Path) -> FileEntry:
     except OSError as exc:
         return FileEntry(path=path, kind="other", size=0, mtime_ns=0,
                          note=f"unreadable file ({exc.strerror or type(exc).__name__})")
+    except Exception as exc:  # noqa: BLE001 - e.g. RecursionError in a damaged header
+        return FileEntry(path=path, kind="broken", size=0, mtime_ns=0,
+                         note=f"cannot classify file ({_short(exc)})")
 
 
 def classify_file(path: Path) -> FileEntry:
@@ -82,30 +113,68 @@ def classify_file(path: Path) -> FileEntry:
 
 
 def _classify_dicom(path: Path, entry: dict) -> FileEntry:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    """Header-only look at a possible DICOM file; any failure becomes the file's note.
+
+    A file that looks like DICOM but cannot be used is ``"broken"``; an image header cut
+    short (no Rows, or a SeriesInstanceUID that is not a valid UID: a truncated copy)
+    stays ``"dicom"`` with a ``damage`` note, so that its series can be refused rather
+    than converted one slice short.
+    """
+    from medgen.io.dicom_warnings import file_warnings
 
     with open(path, "rb") as fh:
         head = fh.read(132)
     has_preamble = len(head) == 132 and head[128:132] == b"DICM"
     if not has_preamble and not _looks_like_bare_dicom(head):
         return FileEntry(kind="other", note=_describe_non_dicom(head), **entry)
-    try:
-        ds = pydicom.dcmread(
-            path, stop_before_pixels=True, force=not has_preamble, specific_tags=list(_SCAN_TAGS)
-        )
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        return FileEntry(kind="other", note=f"unreadable DICOM header ({_short(exc)})", **entry)
+    with file_warnings() as caught:
+        try:
+            ds = _read_scan_tags(path, force=not has_preamble)
+            # pydicom converts values (and warns about bad ones) when they are first read.
+            return _entry_from_header(ds, has_preamble, entry, caught)
+        except Exception as exc:  # noqa: BLE001 - any reader failure is this file's problem
+            return FileEntry(kind="broken", note=f"unreadable DICOM header ({_short(exc)})",
+                             warnings=tuple(caught), **entry)
+
+
+def _entry_from_header(ds, has_preamble: bool, entry: dict, caught: list[str]) -> FileEntry:
     meta_class = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
     sop_class = str(ds.get("SOPClassUID", meta_class))
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip() or None
+    has_rows = "Rows" in ds
+    entry = dict(entry, warnings=tuple(caught))
     if sop_class == DICOMDIR_SOP_CLASS or meta_class == DICOMDIR_SOP_CLASS:
         return FileEntry(kind="dicomdir", note="DICOMDIR index", **entry)
-    if "Rows" not in ds:
+    if sop_class and not _UID.match(sop_class.strip()):
+        return FileEntry(kind="broken", note=f"invalid SOP Class UID {sop_class[:64]!r} "
+                         "(file cut short or damaged?)", **entry)
+    is_image_class = "Image Storage" in _sop_name(sop_class)
+    if not has_rows:
+        if is_image_class:
+            damage = "corrupt image: the header ends before the image description (file cut short?)"
+            if series_uid:
+                return FileEntry(kind="dicom", series_uid=series_uid, damage=damage, **entry)
+            return FileEntry(kind="broken", note=damage, **entry)
+        if not sop_class:
+            if has_preamble or len(ds):
+                return FileEntry(kind="broken", note="DICOM file without SOP class or image",
+                                 **entry)
+            return FileEntry(kind="other", note="not DICOM (unknown binary)", **entry)
         return FileEntry(kind="other", note=f"DICOM without an image ({_sop_name(sop_class)})", **entry)
-    series_uid = str(ds.get("SeriesInstanceUID", "")) or None
     if series_uid is None:
-        return FileEntry(kind="other", note="DICOM image without SeriesInstanceUID", **entry)
+        return FileEntry(kind="broken", note="DICOM image without SeriesInstanceUID", **entry)
+    if not _UID.match(series_uid):
+        damage = f"corrupt image: invalid SeriesInstanceUID {series_uid[:64]!r} (file cut short?)"
+        return FileEntry(kind="dicom", series_uid=series_uid, damage=damage, **entry)
     return FileEntry(kind="dicom", series_uid=series_uid, **entry)
+
+
+def _read_scan_tags(path: Path, *, force: bool):
+    import pydicom
+
+    return pydicom.dcmread(
+        path, stop_before_pixels=True, force=force, specific_tags=list(_SCAN_TAGS)
+    )
 
 
 def _looks_like_nifti(path: Path) -> bool:
@@ -151,6 +220,8 @@ def _sop_name(uid: str) -> str:
     return name or uid or "unknown SOP class"
 
 
-def _short(exc: Exception) -> str:
+def _short(exc: BaseException) -> str:
+    """``"ExceptionType: first line"`` (the type tells a zlib error from a bad VR)."""
     text = str(exc).strip().splitlines()
-    return text[0][:120] if text else type(exc).__name__
+    first = text[0][:120] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from medgen.archive.manifest import Manifest, SeriesState
 from medgen.errors import InputError
+from medgen.io.dicom_limits import DEFAULT_MAX_IMAGE_MB
 from medgen.stages.ingest_plan import SeriesTask, plan_ingest
 from medgen.stages.ingest_run import TaskResult, run_tasks
 
@@ -25,6 +26,7 @@ EXIT_OK = 0
 EXIT_QUARANTINED = 3
 EXIT_NOTHING_USABLE = 4
 LOCK_NAME = ".medgen-ingest.lock"
+LOG_NAME = "ingest.log"  # reader warnings, one line each, appended run after run
 # Temporary names written by medgen.io.atomic: ".<name>.tmp-<pid>-<hex>".
 _TEMP_NAME = re.compile(r"^\..+\.tmp-.+$")
 
@@ -50,6 +52,8 @@ class IngestSummary:
         when the files are unchanged.
     temp_files_removed : int
         Leftovers of a killed run removed from DST at the start.
+    warnings_logged : int
+        Reader warnings (damaged values pydicom could read past) written to ``log_path``.
     """
 
     src: Path
@@ -63,6 +67,12 @@ class IngestSummary:
     quarantined: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     temp_files_removed: int = 0
+    warnings_logged: int = 0
+
+    @property
+    def log_path(self) -> Path:
+        """``DST/ingest.log``: the reader's warnings, one ``path: warning`` line each."""
+        return self.dst / LOG_NAME
 
     @property
     def n_volumes(self) -> int:
@@ -100,6 +110,7 @@ def ingest(
     workers: int = 1,
     keep_phi: bool = False,
     progress: bool = True,
+    max_image_mb: float = DEFAULT_MAX_IMAGE_MB,
 ) -> IngestSummary:
     """Convert every image series under ``src`` into ``dst`` (NIfTI + JSON sidecar).
 
@@ -117,6 +128,10 @@ def ingest(
         Keep patient identifiers in the sidecars (off: they are left out everywhere).
     progress : bool
         Show a progress bar over the series on stderr.
+    max_image_mb : float
+        Largest decoded image (rows x columns x frames x bytes, and what a compressed
+        frame's own header claims) a file may declare; larger ones are refused before
+        decoding, as decompression bombs.
 
     Returns
     -------
@@ -132,22 +147,65 @@ def ingest(
         Series that failed for a passing reason (out of memory, a crashed worker) are
         retried by the next run.
     """
+    from medgen.io.dicom_warnings import routed_warnings
+
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"`workers` must be an integer >= 1, got {workers!r}")
+    if not isinstance(max_image_mb, (int, float)) or not max_image_mb > 0:
+        raise ValueError(
+            f"`max_image_mb` must be > 0, got {max_image_mb!r}; e.g. 2048 allows 2 GB images"
+        )
     src_path, dst_path = _check_folders(src, dst)
     summary = IngestSummary(src=src_path, dst=dst_path)
-    with _exclusive(dst_path):
+    with _exclusive(dst_path), _WarningLog(summary) as log:
         summary.temp_files_removed = remove_stale_temp_files(dst_path)
-        with Manifest.open(dst_path) as manifest:
-            _ingest(manifest, summary, workers=workers, keep_phi=keep_phi, progress=progress)
+        with routed_warnings(lambda text: log.write("", text)), Manifest.open(dst_path) as manifest:
+            _ingest(
+                manifest, summary, log, workers=workers, keep_phi=keep_phi, progress=progress,
+                max_image_mb=float(max_image_mb),
+            )
     return summary
 
 
+class _WarningLog:
+    """Appends ``path: warning`` lines to ``DST/ingest.log``, opened on the first line."""
+
+    def __init__(self, summary: IngestSummary) -> None:
+        self.summary = summary
+        self._handle = None
+
+    def __enter__(self) -> _WarningLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+    def write(self, path: str, text: str) -> None:
+        if self._handle is None:
+            from datetime import datetime, timezone
+
+            self._handle = open(self.summary.log_path, "a", encoding="utf-8", errors="replace")
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self._handle.write(f"# medgen ingest {stamp}\n")
+        self._handle.write(f"{path}: {text}\n" if path else f"{text}\n")
+        self.summary.warnings_logged += 1
+
+
 def _ingest(
-    manifest: Manifest, summary: IngestSummary, *, workers: int, keep_phi: bool, progress: bool
+    manifest: Manifest,
+    summary: IngestSummary,
+    log: _WarningLog,
+    *,
+    workers: int,
+    keep_phi: bool,
+    progress: bool,
+    max_image_mb: float,
 ) -> None:
     src, dst = summary.src, summary.dst
-    plan = plan_ingest(src, dst, keep_phi=keep_phi)
+    plan = plan_ingest(src, dst, keep_phi=keep_phi, max_image_mb=max_image_mb)
+    for path, text in plan.warnings:
+        log.write(path, text)
     manifest.record_files(plan.records)
     summary.skipped = [(r.path, r.kind, r.detail) for r in plan.records if r.fate == "skipped"]
     todo: list[SeriesTask] = []
@@ -167,6 +225,8 @@ def _ingest(
             if result.fatal is not None:
                 raise InputError(dst, result.fatal)  # e.g. disk full: stop, resume later
             _record(manifest, dst, task, result, manifest.series_state(task.key))
+            for path, text in result.warnings:
+                log.write(path, text)
             if result.error is None:
                 summary.series_converted += 1
                 summary.volumes_written.extend(dst / n for n in result.volumes)
@@ -176,6 +236,10 @@ def _ingest(
             advance(task.label)
     for task in plan.tasks:
         summary.quarantined.extend(problem_lines(manifest, task.key))
+    # Files that look like DICOM but belong to no series (unreadable header, no series UID).
+    summary.quarantined.extend(
+        (r.path, r.detail) for r in plan.records if r.fate == "quarantined" and not r.series_key
+    )
 
 
 def _is_current(state: SeriesState | None, task: SeriesTask, dst: Path) -> bool:

@@ -49,6 +49,7 @@ class TaskResult:
     error_path: str | None = None
     transient: bool = False
     fatal: str | None = None
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path rel. to SRC, text)
 
 
 class _OutputError(Exception):
@@ -56,11 +57,27 @@ class _OutputError(Exception):
 
 
 def convert_task(task: SeriesTask) -> TaskResult:
-    """Convert one series; bad input becomes ``TaskResult.error``, never an exception."""
+    """Convert one series; bad input becomes ``TaskResult.error``, never an exception.
+
+    Library warnings raised meanwhile end up in ``TaskResult.warnings``, not on stderr.
+    """
+    from medgen.io.dicom_warnings import routed_warnings
+
+    stray: list[str] = []
+    with routed_warnings(stray.append):
+        result = _convert_safely(task)
+    where = task.rel_files[0] if task.rel_files else ""
+    result.warnings.extend((where, text) for text in stray)
+    return result
+
+
+def _convert_safely(task: SeriesTask) -> TaskResult:
     try:
         return _convert(task)
     except InputError as exc:
-        return _failed(task, exc.reason, exc.path)
+        failed = _failed(task, exc.reason, exc.path)
+        failed.warnings = [(_rel(task, p), text) for p, text in getattr(exc, "warnings", ())]
+        return failed
     except _OutputError as exc:
         return TaskResult(task.key, error=str(exc), fatal=str(exc))
     except MemoryError:
@@ -80,8 +97,14 @@ def _convert(task: SeriesTask) -> TaskResult:
     if task.kind == "dicom":
         from medgen.io.dicom_reader import read_dicom_series
 
-        series = read_dicom_series([Path(p) for p in task.files], keep_phi=task.keep_phi)
+        series = read_dicom_series(
+            [Path(p) for p in task.files],
+            keep_phi=task.keep_phi,
+            max_image_mb=task.max_image_mb,
+            damaged=dict(task.damaged),
+        )
         volumes, rejected, result.notes = series.volumes, series.rejected, list(series.notes)
+        result.warnings = [(_rel(task, p), text) for p, text in series.warnings]
     else:
         from medgen.io import load
 
@@ -114,6 +137,15 @@ def _convert(task: SeriesTask) -> TaskResult:
     for rel, names in used.items():
         result.file_fates.append((rel, "converted", ", ".join(names)))
     return result
+
+
+def _rel(task: SeriesTask, path: str | Path) -> str:
+    """``path`` (absolute, maybe a link) relative to SRC, as the task names it."""
+    real = os.path.realpath(path)
+    for p, r in zip(task.files, task.rel_files, strict=True):
+        if p == str(path) or os.path.realpath(p) == real:
+            return r
+    return relative_posix(path, Path(task.src))
 
 
 def _stem_for(task: SeriesTask, volume, index: int, n_volumes: int) -> str:
@@ -190,7 +222,10 @@ def run_tasks(
     # "spawn": workers start clean; forking a parent that runs a progress thread can hang.
     context = multiprocessing.get_context("spawn")
     retry: list[SeriesTask] = []
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context)
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)), mp_context=context,
+        initializer=die_with_parent, initargs=(os.getpid(),),
+    )
     try:
         futures = {pool.submit(convert, task): task for task in tasks}
         for future in as_completed(futures):
@@ -209,10 +244,44 @@ def run_tasks(
         # On Ctrl-C or a closed generator, drop the queued work instead of finishing it.
         pool.shutdown(wait=True, cancel_futures=True)
     for task in retry:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as single:
+        with ProcessPoolExecutor(
+            max_workers=1, mp_context=context, initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        ) as single:
             try:
                 result = single.submit(convert, task).result()
             except BrokenProcessPool:
                 reason = "the converter process died (out of memory or a crash)"
                 result = _failed(task, reason, None, transient=True)
         yield task, result
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this process when the parent ingest dies (even by SIGKILL).
+
+    A killed parent otherwise leaves its workers blocked forever on their task queue,
+    holding the caller's stdout open. Linux delivers SIGKILL on the parent's death
+    (``PR_SET_PDEATHSIG``); elsewhere, and as a backstop, a thread watches the parent.
+    """
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="medgen-parent-watch", daemon=True).start()
