@@ -200,12 +200,14 @@ def run_pipeline_command(
 
 
 def _register_enhancement_commands() -> None:
-    """train / enhance / evaluate / degrade / synthesize: their options live beside their stages."""
+    """train / enhance / evaluate / degrade / synthesize / evaluate-synthesis: options live beside their stages."""
     from medgen.stages.enhance_cli import register
+    from medgen.stages.evaluate_synthesis import register as register_evaluate_synthesis
     from medgen.stages.synthesis_cli import register as register_synthesis
 
     register(app)
     register_synthesis(app)
+    register_evaluate_synthesis(app)
 
 
 _register_enhancement_commands()
