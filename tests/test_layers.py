@@ -44,3 +44,18 @@ def test_only_tracking_imports_mlflow():
 def test_data_and_metrics_do_not_reach_up(path):
     bad = {m for m in imported_modules(path) if m.startswith(UPPER)}
     assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", modules_under("models"), ids=lambda p: p.name)
+def test_models_do_not_reach_up(path):
+    """Networks are built below training, sampling and the stages (a bundle's networks too)."""
+    upper = tuple(u for u in UPPER if u != "medgen.models")
+    bad = {m for m in imported_modules(path) if m.startswith(upper)}
+    assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("name", ["sampling.py", "schedulers.py", "synthesis.py"])
+def test_samplers_import_no_model_code(name):
+    """diffusers' rule: samplers see a network only as a callable."""
+    bad = {m for m in imported_modules(PACKAGE / "inference" / name) if m.startswith("medgen.models")}
+    assert not bad, f"medgen/inference/{name} imports {sorted(bad)}"

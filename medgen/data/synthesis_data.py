@@ -157,7 +157,8 @@ class SynthesisSpec:
 
     ``intensity_offset``/``intensity_scale`` map the network's [0, 1]-ish range back to the
     training scans' units (their median percentile window); ``covariate_ranges`` are the
-    training ranges ``[min, max]`` each covariate is scaled from.
+    training ranges ``[min, max]`` each covariate is scaled from; ``covariate_defaults`` the
+    values used when a request leaves one out (the middle of its range otherwise).
     """
 
     shape_vox: list[int]
@@ -169,6 +170,7 @@ class SynthesisSpec:
     num_classes: int = 0
     covariates: list[str] = field(default_factory=list)
     covariate_ranges: dict[str, list[float]] = field(default_factory=dict)
+    covariate_defaults: dict[str, float] = field(default_factory=dict)
     latent_shape: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -82,6 +82,7 @@ def load_model(
         raise InputError(path, "checkpoint metadata is not valid JSON") from None
     if "config" not in metadata:
         raise InputError(path, "checkpoint metadata has no 'config': cannot rebuild the network")
+    metadata.setdefault("step", int(payload.get("step", 0)))  # stored beside the JSON, not in it
     config = config_from_json(metadata["config"], source=str(path))
     network = build_model(config)
     try:
@@ -135,8 +136,6 @@ def load_synthesis_model(
     from medgen.inference.synthesis import DiffusionSettings
 
     if is_bundle_folder(model):
-        from medgen.models.bundle import load_bundle
-
         return load_bundle(model, device=device)
     loaded = load_model(model, device=device, tracking_uri=tracking_uri)
     if loaded.kind != "latent_diffusion":
@@ -151,3 +150,48 @@ def load_synthesis_model(
         source=str(model),
         metadata=loaded.metadata,
     )
+
+
+def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> SynthesisModel:
+    """A :class:`SynthesisModel` from a local MONAI latent diffusion bundle folder
+    (:func:`medgen.models.bundle.read_bundle` builds its networks and loads its weights).
+
+    Covariates are named after the bundle's conditioning values (``gender``, ``age``,
+    ``ventricular_vol``, ``brain_vol`` for the brain bundle), each taking [0, 1] with the
+    bundle's own defaults; volumes come out in the bundle's value range, units "arbitrary".
+    """
+    from medgen.data.synthesis_data import SynthesisSpec
+    from medgen.inference.synthesis import DiffusionSettings
+    from medgen.models.bundle import SCHEDULE_ARGS, read_bundle
+    from medgen.models.latent_diffusion import LatentDiffusionModel
+
+    contents = read_bundle(path, device=device)
+    model = LatentDiffusionModel(contents.autoencoder, contents.denoiser)
+    model.scale_factor.fill_(contents.scale_factor)
+    model.to(torch.device(device)).eval()
+    sched = contents.scheduler
+    settings = DiffusionSettings(
+        training="ddpm",
+        num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
+        schedule=str(sched.get("schedule", "linear_beta")),  # MONAI's default, as the bundle would get
+        prediction_type=str(sched.get("prediction_type", "epsilon")),
+        sampler=contents.sampler,
+        steps=contents.steps,
+        schedule_args={k: float(sched[k]) for k in SCHEDULE_ARGS if isinstance(sched.get(k), (int, float))},
+    )
+    lo, hi = contents.value_range
+    spec = SynthesisSpec(
+        shape_vox=contents.shape_vox,
+        spacing_mm=contents.spacing_mm,
+        intensity_offset=lo,
+        intensity_scale=hi - lo,
+        units="arbitrary",
+        modality=contents.modality,
+        num_classes=0,
+        covariates=contents.covariates,
+        covariate_ranges={name: [0.0, 1.0] for name in contents.covariates},
+        covariate_defaults=dict(contents.covariate_defaults),
+        latent_shape=contents.latent_shape,
+    )
+    metadata = {"format": "monai-bundle", "bundle": contents.metadata}
+    return SynthesisModel(model=model, settings=settings, spec=spec, source=str(path), metadata=metadata)

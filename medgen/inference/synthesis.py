@@ -78,11 +78,18 @@ def scheduler_for(settings: DiffusionSettings, sampler: str, steps: int):
     return make(steps, settings.num_train_timesteps, settings.schedule, settings.prediction_type, **settings.schedule_args)
 
 
+def default_steps(settings: DiffusionSettings, sampler: str, steps: int | None) -> int:
+    """``steps`` when given, else the model's: DDPM walks every training timestep."""
+    if steps is not None:
+        return steps
+    return settings.num_train_timesteps if sampler == "ddpm" else settings.steps
+
+
 def resolve_condition(spec: SynthesisSpec, condition: Mapping[str, Any]) -> tuple[int | None, dict[str, float]]:
     """Check a condition against what the model was trained on.
 
-    Returns the class label (None: unconditional) and every covariate's value (the middle of
-    its training range when not given).
+    Returns the class label (None: unconditional) and every covariate's value (the model's
+    default, else the middle of its training range, when not given).
 
     Raises
     ------
@@ -111,7 +118,7 @@ def resolve_condition(spec: SynthesisSpec, condition: Mapping[str, Any]) -> tupl
     covariates = {}
     for name in spec.covariates:
         lo, hi = spec.covariate_ranges.get(name, [0.0, 1.0])
-        raw = condition.get(name, (lo + hi) / 2.0)
+        raw = condition.get(name, spec.covariate_defaults.get(name, (lo + hi) / 2.0))
         try:
             covariates[name] = float(raw)
         except (TypeError, ValueError):
@@ -152,7 +159,7 @@ def sample_latents(
 
     n = check_int("n", request.n, minimum=1)
     sampler = request.sampler or settings.sampler
-    steps = request.steps or (1000 if sampler == "ddpm" else settings.steps)
+    steps = default_steps(settings, sampler, request.steps)
     guidance = settings.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
     if guidance < 0:
         raise ParameterError(f"`guidance_scale` must be >= 0, got {guidance}")
@@ -236,7 +243,7 @@ def generate_volumes(
     latents = sample_latents(model, settings, spec, request, device=device, progress=progress)
     label, covariates = resolve_condition(spec, request.condition)
     sampler = request.sampler or settings.sampler
-    steps = request.steps or (1000 if sampler == "ddpm" else settings.steps)
+    steps = default_steps(settings, sampler, request.steps)
     volumes = []
     for i in range(latents.shape[0]):
         image = decode_latents(model, latents[i : i + 1], tile_latent_vox=tile_latent_vox)[0, 0]

@@ -87,11 +87,13 @@ class LatentDenoiser(nn.Module):
 class LatentDiffusionModel(nn.Module):
     """Frozen autoencoder + latent denoiser + latent scale factor (a persistent buffer).
 
+    The denoiser is a :class:`LatentDenoiser` or anything called the same way (a bundle's).
+
     ``forward`` is the denoiser's (what training optimises); :meth:`encode` gives scaled
     latents (posterior mean and std times ``scale_factor``) and :meth:`decode` images.
     """
 
-    def __init__(self, autoencoder: nn.Module, denoiser: LatentDenoiser) -> None:
+    def __init__(self, autoencoder: nn.Module, denoiser: nn.Module) -> None:
         super().__init__()
         self.autoencoder = autoencoder
         self.denoiser = denoiser
