@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(PIP) install -q "torch>=2.8" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
 	fi
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,ray]"
 	@touch $@
 
 samples: setup
