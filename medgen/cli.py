@@ -84,7 +84,11 @@ def ingest(
     ] = 1,
     keep_phi: Annotated[
         bool,
-        typer.Option("--keep-phi", help="Keep patient name, ID and birth date in the sidecars."),
+        typer.Option(
+            "--keep-phi",
+            help="Keep patient data: name, ID, dates and descriptions in sidecars and output "
+            "names, real source paths in messages, manifest and log (default: pseudonyms).",
+        ),
     ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or summary; problems only.")
@@ -104,6 +108,15 @@ def ingest(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the traceback of an internal error.")
     ] = False,
+    locate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--locate",
+            metavar="PSEUDONYM",
+            help="Convert nothing; print the real path under SRC of a pseudonymous file name "
+            "(as in messages, manifest, log, SourceFiles) or of a series key. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Convert every DICOM series, NIfTI and NRRD/MHA file under SRC to NIfTI + JSON.
 
@@ -114,6 +127,9 @@ def ingest(
     from medgen.errors import MedgenError
     from medgen.stages.ingest import ingest as run_ingest
 
+    if locate:
+        _print_located(src, out, locate)
+        return
     try:
         summary = run_ingest(
             src, out, workers=workers, keep_phi=keep_phi, progress=not quiet,
@@ -133,6 +149,19 @@ def ingest(
         raise typer.Exit(1) from None
     _print_ingest_summary(summary, quiet=quiet, max_lines=max_lines)
     raise typer.Exit(summary.exit_code)
+
+
+def _print_located(src: Path, out: Path, queries: list[str]) -> None:
+    """``PSEUDONYM -> real/path`` per match on stdout; exit 4 when one matches nothing."""
+    from medgen.stages.ingest_names import locate
+
+    found = locate(src, out, queries)
+    for query, paths in found.items():
+        for path in paths:
+            typer.echo(f"{query} -> {path}")
+        if not paths:
+            typer.echo(f"{query}: no file under SRC has this pseudonym", err=True)
+    raise typer.Exit(0 if all(found.values()) else 4)
 
 
 def _print_ingest_summary(summary: IngestSummary, *, quiet: bool, max_lines: int = 20) -> None:
@@ -173,8 +202,15 @@ def _print_ingest_summary(summary: IngestSummary, *, quiet: bool, max_lines: int
             f"{summary.warnings_logged} reader warnings written to {summary.log_path}",
             markup=False,
         )
+    if summary.quarantined and summary.pseudonymous:
+        err.print(
+            "file names above are pseudonyms (no patient data in names); "
+            "`medgen ingest SRC -o DST --locate NAME` prints the real path",
+            markup=False,
+        )
     if summary.exit_code == 4:
-        err.print(f"nothing usable found in {summary.src}", markup=False)
+        where = "the input folder" if summary.pseudonymous else str(summary.src)
+        err.print(f"nothing usable found in {where}", markup=False)
 
 
 @app.command("run")
@@ -200,14 +236,17 @@ def run_pipeline_command(
 
 
 def _register_enhancement_commands() -> None:
-    """train / enhance / evaluate / degrade / synthesize / evaluate-synthesis: options live beside their stages."""
+    """train, enhance, evaluate, degrade, synthesize, evaluate-synthesis, batch, status: options
+    live beside their stages."""
     from medgen.stages.enhance_cli import register
     from medgen.stages.evaluate_synthesis import register as register_evaluate_synthesis
+    from medgen.stages.batch_cli import register as register_batch
     from medgen.stages.synthesis_cli import register as register_synthesis
 
     register(app)
     register_synthesis(app)
     register_evaluate_synthesis(app)
+    register_batch(app)
 
 
 _register_enhancement_commands()

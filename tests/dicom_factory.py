@@ -64,6 +64,7 @@ __all__ = [
     "write_series",
     "write_structured_report",
     "write_dicomdir",
+    "deflate_bomb",
 ]
 
 
@@ -438,4 +439,30 @@ def jpeg2000_bomb(path: str | Path, claimed: tuple[int, int] = (60000, 60000)) -
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def deflate_bomb(path: str | Path, expands_to_mb: float = 600.0) -> Path:
+    """Rewrite an explicit-VR file in the deflated transfer syntax, padded with zeros.
+
+    The dataset gains a private OB element of zeros so that it inflates to about
+    ``expands_to_mb`` MB, while the file stays a few hundred KB (a deflate bomb).
+    """
+    import zlib
+
+    path = Path(path)
+    claim_deflate(path)  # relabel the file meta; the dataset is still plain
+    raw = path.read_bytes()
+    group_at = raw.index(b"\x02\x00\x00\x00UL")
+    start = group_at + 12 + struct.unpack("<I", raw[group_at + 8 : group_at + 12])[0]
+    n_zeros = int(expands_to_mb * 2**20)
+    packer = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [raw[:start], packer.compress(raw[start:])]
+    parts.append(packer.compress(struct.pack("<HH2sHI", 0x7FE1, 0x1010, b"OB", 0, n_zeros)))
+    block = bytes(1 << 22)
+    for _ in range(n_zeros // len(block)):
+        parts.append(packer.compress(block))
+    parts.append(packer.compress(bytes(n_zeros % len(block))))
+    parts.append(packer.flush())
+    path.write_bytes(b"".join(parts))
     return path

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medgen.cli import app
+from medgen.stages.ingest_names import SourceNames
 from tests.dicom_factory import write_series
 
 MEDGEN = Path(sys.executable).with_name("medgen")
@@ -66,8 +67,9 @@ def test_ingest_exit_3_lists_each_bad_file_on_one_line(good_src, tmp_path):
     assert result.exit_code == 3
     lines = [line for line in result.output.splitlines() if line.startswith("quarantined: ")]
     assert len(lines) == 2
-    assert lines[0].startswith(f"quarantined: {lone[0].relative_to(good_src).as_posix()}: ")
-    assert lines[1].startswith(f"quarantined: {trunc[3].relative_to(good_src).as_posix()}: ")
+    named = SourceNames.for_output(tmp_path / "out").path  # pseudonyms: no PHI in names
+    assert lines[0].startswith(f"quarantined: {named(lone[0].relative_to(good_src).as_posix())}: ")
+    assert lines[1].startswith(f"quarantined: {named(trunc[3].relative_to(good_src).as_posix())}: ")
     assert "volumes written" not in result.output  # --quiet: no table
 
 
@@ -110,7 +112,8 @@ def test_console_script_converts_and_reports_without_traceback(good_src, tmp_pat
         timeout=120,
     )
     assert proc.returncode == 3, proc.stderr
-    assert f"quarantined: {bad[0].relative_to(good_src).as_posix()}: " in proc.stderr
+    named = SourceNames.for_output(tmp_path / "out").path(bad[0].relative_to(good_src).as_posix())
+    assert f"quarantined: {named}: " in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "volumes written" in proc.stdout
     assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 1

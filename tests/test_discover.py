@@ -52,10 +52,10 @@ def test_a_file_that_cannot_be_read_does_not_end_the_scan(tmp_path, monkeypatch)
     paths = write_series(tmp_path, shape=(4, 4, 3))
     real = discover.classify_file
 
-    def flaky(path):
+    def flaky(path, *args):
         if path == paths[1]:
             raise PermissionError(13, "Permission denied")
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(discover, "classify_file", flaky)
     entries = {e.path: e for e in scan_tree(tmp_path)}

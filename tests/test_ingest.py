@@ -27,7 +27,19 @@ from tests.dicom_factory import (
 )
 
 PHI = ("DOE^JANE", "DOE", "JANE", "PIDQXZ", "19211231")
-DICOM_NAME_RE = r"^[0-9a-f]{12}_s\d+_[A-Za-z0-9.+_-]+\.nii\.gz$"
+DICOM_NAME_RE = r"^[0-9a-f]{12}_s\d+(_[A-Za-z0-9.+_-]+)?\.nii\.gz$"
+
+
+def _named(dst: Path, path: Path, src: Path) -> str:
+    """How ingest into ``dst`` names ``path`` (pseudonymous: the default mode)."""
+    from medgen.stages.ingest_names import SourceNames
+
+    return SourceNames.for_output(dst).path(path.relative_to(src).as_posix())
+
+
+def _is_series(name: str, number: int) -> bool:
+    """True for the output name of series ``number`` (``<key>_s<number>[_...].nii.gz``)."""
+    return re.search(rf"_s{number}[._]", name) is not None
 
 
 def _series(directory, **kwargs):
@@ -110,15 +122,15 @@ def test_messy_tree_converts_every_series_and_explains_every_other_file(archive,
     assert summary.counts == {"converted": 5, "unchanged": 0, "quarantined": 0, "skipped": 3}
     names = sorted(p.name for p in summary.volumes_written)
     dicom_names = [n for n in names if re.match(DICOM_NAME_RE, n)]
-    assert sorted(n.split("_")[1] for n in dicom_names) == ["s2", "s3", "s4", "s5"]
+    assert sorted(re.split(r"[_.]", n)[1] for n in dicom_names) == ["s2", "s3", "s4", "s5"]
     # A NIfTI input is named by its pseudonymous key alone: file names may name patients.
     assert re.fullmatch(r"[0-9a-f]{12}\.nii\.gz", [n for n in names if n not in dicom_names][0])
     for name in names:  # every volume has its sidecar
         assert (dst / name.replace(".nii.gz", ".json")).is_file()
     skipped = {path: note for path, _, note in summary.skipped}
     assert skipped["DICOMDIR"] == "DICOMDIR index"
-    assert skipped["pat1/README.txt"] == "not DICOM (text)"
-    assert "without an image" in skipped["pat1/report"]
+    assert skipped[_named(dst, src / "pat1/README.txt", src)] == "not DICOM (text)"
+    assert "without an image" in skipped[_named(dst, src / "pat1/report", src)]
     _manifest_consistent(dst)
 
 
@@ -126,7 +138,7 @@ def test_output_equals_what_the_reader_gives(archive, tmp_path):
     src, files = archive
     dst = tmp_path / "out"
     summary = ingest(src, dst, progress=False)
-    (ct_out,) = [p for p in summary.volumes_written if "_s2_" in p.name]
+    (ct_out,) = [p for p in summary.volumes_written if _is_series(p.name, 2)]
     expected = read_dicom_series(files["ct"]).volumes[0]
     img = nib.load(ct_out)
     np.testing.assert_array_equal(np.asarray(img.dataobj.get_unscaled()), expected.array)
@@ -144,7 +156,7 @@ def test_output_equals_what_the_reader_gives(archive, tmp_path):
 def test_series_over_two_folders_is_one_volume_and_one_folder_can_hold_two(archive, tmp_path):
     src, _ = archive
     summary = ingest(src, tmp_path / "out", progress=False)
-    by_series = {p.name.split("_")[1]: p for p in summary.volumes_written if "_" in p.name}
+    by_series = {re.split(r"[_.]", p.name)[1]: p for p in summary.volumes_written if "_" in p.name}
     assert nib.load(by_series["s3"]).shape == (6, 6, 6)  # 3 + 3 slices from mr_a and mr_b
     assert sorted(nib.load(by_series["s4"]).shape) == [3, 4, 5]
     assert sorted(nib.load(by_series["s5"]).shape) == [4, 4, 5]
@@ -183,16 +195,16 @@ def test_added_file_reconverts_only_its_series(tmp_path):
         shutil.copy2(path, src / "a" / path.name)
     _series(src / "b", shape=(4, 4, 3), series_number=2)
     first = ingest(src, dst, progress=False)
-    (a_out,) = [p for p in first.volumes_written if "_s1_" in p.name]
+    (a_out,) = [p for p in first.volumes_written if _is_series(p.name, 1)]
     assert nib.load(a_out).shape[2] == 4
-    b_mtimes = {n: t for n, t in _outputs(dst).items() if "_s2_" in n}
+    b_mtimes = {n: t for n, t in _outputs(dst).items() if _is_series(n, 2)}
 
     shutil.copy2(staged[4], src / "a" / staged[4].name)
     second = ingest(src, dst, progress=False)
     assert second.counts["converted"] == 1 and second.counts["unchanged"] == 1
     assert second.volumes_written == [a_out]
     assert nib.load(a_out).shape[2] == 5
-    assert {n: t for n, t in _outputs(dst).items() if "_s2_" in n} == b_mtimes
+    assert {n: t for n, t in _outputs(dst).items() if _is_series(n, 2)} == b_mtimes
     _manifest_consistent(dst)
 
 
@@ -200,9 +212,9 @@ def test_renamed_series_replaces_its_old_outputs(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "out"
     uid = "1.2.826.0.1.3680043.8.498.1"
     _series(src / "a", series_uid=uid, study_uid=uid + ".9", series_description="OLD NAME")
-    ingest(src, dst, progress=False)
+    ingest(src, dst, progress=False, keep_phi=True)  # descriptions are in names only then
     _series(src / "a", series_uid=uid, study_uid=uid + ".9", series_description="NEW NAME")
-    summary = ingest(src, dst, progress=False)
+    summary = ingest(src, dst, progress=False, keep_phi=True)
     assert summary.counts["converted"] == 1
     names = sorted(_outputs(dst))
     assert len(names) == 2 and all("NEW_NAME" in n for n in names), names
@@ -213,13 +225,13 @@ def test_odd_file_gets_one_line_and_the_rest_converts(tmp_path):
     paths = _series(src / "s", shape=(8, 6, 5), matrix_overrides={4: (10, 6)})
     _series(src / "good", shape=(4, 4, 3), series_number=9)
     summary = ingest(src, dst, progress=False)
-    bad = paths[4].relative_to(src).as_posix()
+    bad = _named(dst, paths[4], src)
     assert [p for p, _ in summary.quarantined] == [bad]
     (reason,) = [r for p, r in summary.quarantined]
     assert reason and "\n" not in reason
     assert summary.exit_code == 3
     assert summary.counts["converted"] == 2  # the series lost one odd file, not its volume
-    (s_out,) = [p for p in summary.volumes_written if "_s1_" in p.name]
+    (s_out,) = [p for p in summary.volumes_written if _is_series(p.name, 1)]
     assert nib.load(s_out).shape[2] == 4
     with Manifest.open(dst) as m:
         fates = {f.path: (f.fate, f.detail) for f in m.files()}
@@ -253,18 +265,18 @@ def test_corrupt_image_refuses_its_series_as_a_missing_slice(
         _cut(paths[bad_slice], cut_to)
     good = _series(src / "good", shape=(4, 4, 3), series_number=9)
     summary = ingest(src, dst, progress=False)
-    bad = paths[bad_slice].relative_to(src).as_posix()
+    bad = _named(dst, paths[bad_slice], src)
     assert [p for p, _ in summary.quarantined] == [bad]  # one line, naming the damaged file
     (reason,) = [r for p, r in summary.quarantined]
     assert reason_words in reason and "slice would be missing" in reason and "\n" not in reason
     assert summary.exit_code == 3
     assert summary.counts["converted"] == 1 and summary.counts["quarantined"] == 1
     (out,) = summary.volumes_written
-    assert "_s9_" in out.name and nib.load(out).shape == (4, 4, 3)  # never one slice short
+    assert _is_series(out.name, 9) and nib.load(out).shape == (4, 4, 3)  # never one slice short
     with Manifest.open(dst) as m:
         fates = {f.path: f.fate for f in m.files()}
-    assert all(fates[p.relative_to(src).as_posix()] == "quarantined" for p in paths)
-    assert all(fates[p.relative_to(src).as_posix()] == "converted" for p in good)
+    assert all(fates[_named(dst, p, src)] == "quarantined" for p in paths)
+    assert all(fates[_named(dst, p, src)] == "converted" for p in good)
 
 
 @pytest.mark.parametrize(
@@ -280,7 +292,7 @@ def test_unusable_series_is_quarantined_in_one_line(tmp_path, fault, reason_word
     summary = ingest(src, dst, progress=False)
     assert len(summary.quarantined) == 1
     path, reason = summary.quarantined[0]
-    assert path in {p.relative_to(src).as_posix() for p in paths}
+    assert path in {_named(dst, p, src) for p in paths}
     assert reason_words in reason and "\n" not in reason
     assert summary.counts["quarantined"] == 1 and summary.counts["converted"] == 1
     assert summary.exit_code == 3
@@ -409,6 +421,8 @@ def test_two_workers_give_the_same_outputs_as_one(archive, tmp_path):
     src, _ = archive
     one, two = tmp_path / "one", tmp_path / "two"
     s1 = ingest(src, one, workers=1, progress=False)
+    two.mkdir()  # the same key gives the same pseudonyms (series keys, names)
+    shutil.copy(one / "pseudonym.key", two / "pseudonym.key")
     s2 = ingest(src, two, workers=2, progress=False)
     assert s1.counts == s2.counts
     assert sorted(_outputs(one)) == sorted(_outputs(two))
@@ -470,7 +484,8 @@ def test_unexpected_failure_is_reported_and_retried_next_run(tmp_path, monkeypat
     monkeypatch.setattr(ingest_run, "_convert", broken)
     summary = ingest(src, dst, progress=False)
     assert summary.quarantined == [
-        ("a/IM0001.dcm", "conversion failed (RuntimeError: decoder bug) (whole series: 5 files)")
+        (_named(dst, src / "a/IM0001.dcm", src),
+         "conversion failed (RuntimeError: decoder bug) (whole series: 5 files)")
     ]
     assert summary.exit_code == 4
     monkeypatch.setattr(ingest_run, "_convert", real_convert)
@@ -510,7 +525,7 @@ def test_a_dying_worker_costs_only_its_own_series(tmp_path):
     for name in ("a", "boom", "c"):
         _series(src / name, shape=(4, 4, 3), series_number=len(name))
     (tmp_path / "out").mkdir()
-    plan = plan_ingest(src, tmp_path / "out")
+    plan = plan_ingest(src, tmp_path / "out", keep_phi=True)  # real folder names in rel_files
     results = {t.rel_files[0].split("/")[0]: r for t, r in run_tasks(plan.tasks, 2, _crash_on_boom)}
     assert sorted(results) == ["a", "boom", "c"]
     assert results["a"].error is None and results["c"].error is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -24,6 +25,7 @@ from medgen.cli import app
 from medgen.stages.ingest import ingest
 from tests.dicom_factory import (
     claim_deflate,
+    deflate_bomb,
     jpeg2000_bomb,
     set_unknown_vr,
     voxel_pattern,
@@ -33,8 +35,20 @@ from tests.dicom_factory import (
 runner = CliRunner()
 
 
+def _is_series(name: str, number: int) -> bool:
+    """True for the output name of series ``number`` (``<key>_s<number>[_...].nii.gz``)."""
+    return re.search(rf"_s{number}[._]", name) is not None
+
+
 def _good(src: Path) -> list[Path]:
     return write_series(src / "good", shape=(4, 4, 3), series_number=9)
+
+
+def _named(dst: Path, rel: str) -> str:
+    """How ingest into ``dst`` names the file at ``rel`` under SRC (a pseudonym by default)."""
+    from medgen.stages.ingest_names import SourceNames
+
+    return SourceNames.for_output(dst).path(rel)
 
 
 def _lines(summary) -> dict[str, str]:
@@ -47,7 +61,7 @@ def _fates(dst: Path) -> dict[str, tuple[str, str]]:
 
 
 def _assert_good_converted(summary) -> None:
-    outs = [p for p in summary.volumes_written if "_s9_" in p.name]
+    outs = [p for p in summary.volumes_written if _is_series(p.name, 9)]
     assert len(outs) == 1 and nib.load(outs[0]).shape == (4, 4, 3)
 
 
@@ -59,7 +73,7 @@ def test_file_claiming_deflate_that_is_not_deflated(tmp_path, capsys):
     bad = claim_deflate(write_series(src / "bad", shape=(4, 4, 3), series_number=2)[0])
     _good(src)
     summary = ingest(src, dst, progress=False)
-    rel = bad.relative_to(src).as_posix()
+    rel = _named(dst, bad.relative_to(src).as_posix())
     assert "unreadable DICOM header (error: Error -3 while decompressing" in _lines(summary)[rel]
     assert summary.exit_code == 3
     _assert_good_converted(summary)
@@ -73,7 +87,7 @@ def test_unknown_vr_in_the_series_uid_makes_the_file_unreadable(tmp_path):
     bad = set_unknown_vr(paths[1], tag=(0x0020, 0x000E))
     _good(src)
     summary = ingest(src, dst, progress=False)
-    reason = _lines(summary)[bad.relative_to(src).as_posix()]
+    reason = _lines(summary)[_named(dst, bad.relative_to(src).as_posix())]
     assert "Unknown Value Representation 'ZZ'" in reason and "\n" not in reason
     assert summary.exit_code == 3
     _assert_good_converted(summary)
@@ -87,7 +101,8 @@ def test_unknown_vr_in_a_minor_tag_drops_only_that_element(tmp_path, capfd):
     assert summary.exit_code == 0, summary.quarantined
     assert nib.load(summary.volumes_written[0]).shape == (4, 4, 3)
     log = summary.log_path.read_text()
-    assert "s/IM0001.dcm: UserWarning: dropped unreadable element (0008,0060)" in log
+    name = _named(dst, "s/IM0001.dcm")
+    assert f"{name}: UserWarning: dropped unreadable element (0008,0060)" in log
     assert "Unknown Value Representation" not in capfd.readouterr().err
 
 
@@ -119,7 +134,7 @@ def test_any_reader_failure_on_one_file_is_its_reason(tmp_path, monkeypatch, err
 
     monkeypatch.setattr(pydicom, "dcmread", flaky)
     summary = ingest(src, dst, progress=False)
-    rel = bad.relative_to(src).as_posix()
+    rel = _named(dst, bad.relative_to(src).as_posix())
     assert list(_lines(summary)) == [rel]
     assert type(error).__name__ in _lines(summary)[rel]
     assert summary.exit_code == 3
@@ -158,7 +173,10 @@ def test_file_name_that_is_not_utf8(tmp_path):
     (out,) = summary.volumes_written
     assert nib.load(out).shape == (6, 4, 3) or nib.load(out).shape[2] == 3
     fates = _fates(dst)
-    assert fates["s/IM\\xff\\xfe.dcm"][0] == "converted"  # stored printable, bytes escaped
+    assert fates[_named(dst, "s/IM\\xff\\xfe.dcm")][0] == "converted"
+    kept = ingest(src, tmp_path / "kept", progress=False, keep_phi=True)
+    assert kept.exit_code == 0
+    assert _fates(tmp_path / "kept")["s/IM\\xff\\xfe.dcm"][0] == "converted"  # bytes escaped
     again = ingest(src, dst, progress=False)  # and the fingerprint is stable
     assert again.counts["unchanged"] == 1
 
@@ -199,14 +217,15 @@ def test_broken_dicom_files_are_in_the_manifest_and_the_summary(tmp_path):
     result = runner.invoke(app, ["ingest", str(src), "--out", str(dst), "--quiet"])
     assert result.exit_code == 3
     lines = result.output.splitlines()
-    shown = [line for line in lines if line.startswith("quarantined: broken/X")]
+    folder = _named(dst, "broken")
+    shown = [line for line in lines if line.startswith(f"quarantined: {folder}/")]
     assert len(shown) == 20  # the first lines, then a count
     assert "... and 5 more quarantined" in result.output
     fates = _fates(dst)
     for n in range(25):
-        fate, detail = fates[f"broken/X{n:02d}"]
+        fate, detail = fates[_named(dst, f"broken/X{n:02d}")]
         assert fate == "quarantined" and detail
-    assert fates["broken/no_uid.dcm"] == ("skipped", "empty file")
+    assert fates[_named(dst, "broken/no_uid.dcm")] == ("skipped", "empty file")
     assert "Traceback" not in result.output
 
 
@@ -220,7 +239,7 @@ def test_image_without_series_uid_is_quarantined_not_skipped(tmp_path):
     del ds.SeriesInstanceUID
     ds.save_as(bad)
     summary = ingest(src, dst, progress=False)
-    assert _lines(summary) == {"x/IM0001.dcm": "DICOM image without SeriesInstanceUID"}
+    assert _lines(summary) == {_named(dst, "x/IM0001.dcm"): "DICOM image without SeriesInstanceUID"}
     assert summary.exit_code == 3
 
 
@@ -236,7 +255,7 @@ def test_reader_warnings_go_to_the_log_with_the_file_name(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "Warning" not in err and "Traceback" not in err
     log = summary.log_path.read_text()
-    assert "s/IM0003.dcm: UserWarning: Invalid value for VR UI" in log
+    assert f"{_named(dst, 's/IM0003.dcm')}: UserWarning: Invalid value for VR UI" in log
     assert summary.warnings_logged >= 1
     assert summary.exit_code == 3
 
@@ -250,7 +269,7 @@ def test_jpeg2000_codestream_claiming_a_huge_image_is_refused(tmp_path):
     jpeg2000_bomb(paths[1])
     _good(src)
     summary = ingest(src, dst, progress=False)
-    reason = _lines(summary)["bomb/IM0002.dcm"]
+    reason = _lines(summary)[_named(dst, "bomb/IM0002.dcm")]
     assert "compressed frame declares 60000x60000 pixels" in reason
     assert summary.exit_code == 3
     _assert_good_converted(summary)
@@ -265,6 +284,51 @@ def test_the_limit_is_an_option(tmp_path):
     assert "over the limit" in summary.quarantined[0][1]
     with pytest.raises(ValueError, match="`max_image_mb` must be > 0, got 0"):
         ingest(src, tmp_path / "o", progress=False, max_image_mb=0)
+
+
+def test_deflate_bomb_is_refused_without_inflating_it(tmp_path, monkeypatch):
+    import pydicom.filereader
+
+    src, dst = tmp_path / "src", tmp_path / "out"
+    paths = write_series(src / "bomb", shape=(4, 4, 3), series_number=2)
+    deflate_bomb(paths[2], expands_to_mb=40)
+    _good(src)
+
+    def inflate_all(*args, **kwargs):
+        raise AssertionError("pydicom inflated the whole bomb")
+
+    monkeypatch.setattr(pydicom.filereader.zlib, "decompress", inflate_all)
+    summary = ingest(src, dst, progress=False, max_image_mb=8)
+    reason = _lines(summary)[_named(dst, "bomb/IM0003.dcm")]
+    assert "deflated data expands past 24 MB, over the limit of 8 MB" in reason
+    # Its first bytes name its series: that series is refused, never one slice short.
+    assert "a slice would be missing" in reason
+    assert summary.exit_code == 3 and summary.counts["converted"] == 1
+    _assert_good_converted(summary)
+
+
+_DEFLATE_PEAK_SCRIPT = """
+import resource, sys
+from medgen.stages.ingest import ingest
+s = ingest(sys.argv[1], sys.argv[2], progress=False, max_image_mb=16)
+print(s.exit_code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_deflate_bomb_keeps_peak_memory_bounded(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "out"
+    deflate_bomb(write_series(src / "bomb", shape=(4, 4, 1), series_number=2)[0], 400)
+    _good(src)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEFLATE_PEAK_SCRIPT, str(src), str(dst)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    code, peak_kb = (int(v) for v in proc.stdout.split())
+    assert code == 3
+    assert peak_kb < 300 * 1024, f"peak memory {peak_kb / 1024:.0f} MB for a 400 MB bomb"
 
 
 _PEAK_SCRIPT = """
@@ -311,7 +375,7 @@ def test_classic_4d_without_temporal_tags_is_ordered_by_instance_number(tmp_path
     _good(src)
     summary = ingest(src, dst, progress=False)
     assert summary.exit_code == 0, summary.quarantined
-    (out,) = [p for p in summary.volumes_written if "_s1_" in p.name]
+    (out,) = [p for p in summary.volumes_written if _is_series(p.name, 1)]
     img = nib.load(out)
     assert img.shape == (5, 4, n_pos, n_vol)
     assert img.header.get_zooms()[3] == pytest.approx(2.0)  # TR in seconds
@@ -336,6 +400,14 @@ def test_one_image_series_becomes_a_2d_volume(tmp_path):
     assert nib.load(out).header.get_zooms()[2] == pytest.approx(5.0)
     sidecar = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())
     assert sidecar["ImageDimensions"] == 2
+    # Stages that need 3D (train, enhance) refuse it in one line naming the file.
+    from medgen.errors import InputError
+    from medgen.stages.common import load_volume, require_3d
+
+    with pytest.raises(InputError, match=r"is a 2D image \(5x6x1 voxels\); this stage needs a 3D"):
+        require_3d(load_volume(out), out)
+    three_d = _good(tmp_path / "g")
+    assert require_3d(load_volume(three_d[0].parent), "g").shape == (4, 4, 3)
 
 
 def test_uneven_spacing_is_resampled_and_said_in_the_sidecar(tmp_path):
@@ -371,9 +443,9 @@ def test_symlinked_files_are_followed_and_loops_guarded(tmp_path):
     assert nib.load(out).shape == (4, 4, 3)
     fates = _fates(dst)
     assert {p for p, (f, _) in fates.items() if f == "converted"} == {
-        f"sub/anat/{p.name}" for p in paths
+        _named(dst, f"sub/anat/{p.name}") for p in paths
     }
-    assert fates["sub/dangling"] == ("skipped", "broken symbolic link")
+    assert fates[_named(dst, "sub/dangling")] == ("skipped", "broken symbolic link")
 
 
 # -- 11. workers die with their parent ---------------------------------------------------------

@@ -5,9 +5,14 @@ could be recognised by::
 
     <key>_s<SeriesNumber>_<SeriesDescription>[_<part>].nii.gz
 
-The key is stable (same UIDs -> same key), so reruns overwrite rather than duplicate.
-Which metadata fields count as patient-identifying is decided in one place,
+The key is stable (same UIDs -> same key), so reruns overwrite rather than duplicate; the
+description is left out unless patient data is kept on request (free text often names
+people). Which metadata fields count as patient-identifying is decided in one place,
 :data:`medgen.io.sidecar.PHI_KEYS`.
+
+Folder and file names in an archive often carry patient names, IDs and dates, so messages,
+logs and manifests name a source file by :func:`pseudonymous_path` (a keyed hash per path
+component) and pass reasons through :func:`scrub_text`.
 """
 
 from __future__ import annotations
@@ -54,8 +59,66 @@ def pseudonym(*parts: str, salt: str = "", length: int = KEY_LENGTH) -> str:
     digest.update(salt.encode("utf-8"))
     for part in parts:
         # A separator that cannot occur in UIDs keeps ("1.2", "3") apart from ("1.", "23").
-        digest.update(b"\x1f" + str(part).encode("utf-8"))
+        # surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes.
+        digest.update(b"\x1f" + str(part).encode("utf-8", errors="surrogateescape"))
     return digest.hexdigest()[:length]
+
+
+#: Name endings kept by :func:`pseudonymous_path` (they say what a file is, never who).
+SAFE_SUFFIXES: tuple[str, ...] = (
+    ".nii.gz", ".dcm", ".dicom", ".ima", ".nii", ".hdr", ".img", ".nrrd", ".nhdr", ".mha",
+    ".mhd", ".raw", ".txt", ".json", ".xml", ".pdf", ".png", ".jpg", ".jpeg", ".zip", ".gz",
+)
+_SAFE_NAMES = ("DICOMDIR",)
+
+
+def pseudonymous_path(rel: str, secret: str, length: int = KEY_LENGTH) -> str:
+    """A relative path with every component replaced by a keyed hash of the path up to it.
+
+    Files in one folder keep a common prefix and a known suffix (``.dcm``, ``.nii.gz``
+    ...) is kept, so the shape of the tree stays readable; the names do not. Without
+    ``secret`` nobody can test a guess (``Doe^Jane/...``) against a pseudonym; with it
+    and the source folder, :func:`medgen.stages.ingest_names.locate` finds the file.
+
+    Examples
+    --------
+    >>> pseudonymous_path("Doe^Jane/PHI12345_19700101/IM1.dcm", secret="k")
+    '685078f39738/d2631f6509d2/0f4dab676e29.dcm'
+    >>> pseudonymous_path("Doe^Jane/IM2.dcm", secret="k").split("/")[0]
+    '685078f39738'
+    >>> pseudonymous_path("Doe^Jane/IM2.dcm", secret="other").split("/")[0] != '685078f39738'
+    True
+    """
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    out = []
+    for i, part in enumerate(parts):
+        if part in _SAFE_NAMES:
+            out.append(part)
+            continue
+        lower = part.lower()
+        suffix = next((x for x in SAFE_SUFFIXES if lower.endswith(x) and lower != x), "")
+        out.append(pseudonym("path", *parts[: i + 1], salt=secret, length=length) + suffix)
+    return "/".join(out)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.])/[^\s'\"),;]+")
+_QUOTED = re.compile(r"'[^'\n]{3,}'|\"[^\"\n]{3,}\"")
+
+
+def scrub_text(text: str) -> str:
+    """A reason or warning with absolute paths and quoted values (3+ characters) hidden.
+
+    Library messages quote the offending value (a UID, a date, a name) or the file's path;
+    neither may reach a log in the de-identified mode. Short codes such as a VR stay.
+
+    Examples
+    --------
+    >>> scrub_text("Invalid value for VR PN: 'DOE^JANE' in /pacs/Doe^Jane/IM1.dcm")
+    "Invalid value for VR PN: '…' in <path>"
+    >>> scrub_text("Unknown Value Representation 'ZZ' in tag (0008,0060)")
+    "Unknown Value Representation 'ZZ' in tag (0008,0060)"
+    """
+    return _QUOTED.sub(lambda m: m.group(0)[0] + "…" + m.group(0)[0], _ABSOLUTE_PATH.sub("<path>", text))
 
 
 def safe_name(text: Any, max_len: int = 48, empty: str = "") -> str:
@@ -91,6 +154,8 @@ def output_stem(
     part: str | int | None = None,
 ) -> str:
     """The file name (without suffix) of one output volume.
+
+    Pass ``description`` only when patient data may be kept: it is free text.
 
     Examples
     --------

@@ -6,6 +6,11 @@ header's size nor the codestream's against a budget, so this module reads both:
 Rows x Columns x frames x samples x bytes from the DICOM header, and the image size
 in each compressed frame's own header (JPEG 2000 SIZ marker, JPEG/JPEG-LS SOF marker).
 Only a few hundred bytes of each fragment are looked at.
+
+The deflated transfer syntax is a bomb of its own kind: pydicom inflates the whole dataset
+in memory before reading a single tag, so a few KB can expand to gigabytes.
+:func:`check_deflated_size` inflates such a file in chunks, keeping nothing, and stops as
+soon as the output passes the same limit.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-__all__ = ["DEFAULT_MAX_IMAGE_MB", "declared_bytes", "check_declared_size", "codestream_size"]
+__all__ = [
+    "DEFAULT_MAX_IMAGE_MB",
+    "check_declared_size",
+    "check_deflated_size",
+    "codestream_size",
+    "declared_bytes",
+]
 
 #: Largest decoded image (rows x columns x frames x samples x bytes) read by default, MB.
 DEFAULT_MAX_IMAGE_MB = 2048.0
@@ -21,6 +32,10 @@ DEFAULT_MAX_IMAGE_MB = 2048.0
 _ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: an item of encapsulated pixel data
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # JPEG SOFn, JPEG-LS SOF55
 _HEAD_BYTES = 4096
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+_META_BYTES = 8192  # the file meta group, where the transfer syntax is, fits in this
+#: Inflated bytes allowed beyond the image limit, for the header around the pixel data.
+DEFLATE_HEADER_ALLOWANCE = 16 * 2**20
 
 
 def declared_bytes(ds: Any) -> int:
@@ -129,6 +144,89 @@ def check_declared_size(ds: Any, max_bytes: float) -> str | None:
                 "refused before decoding (decompression bomb?)"
             )
     return None
+
+
+def check_deflated_size(path: Any, max_bytes: float | None) -> str | None:
+    """Why a deflated file may not be inflated under ``max_bytes``, or None.
+
+    For a file in the Deflated Explicit VR Little Endian transfer syntax, inflates the
+    dataset 64 KB at a time (at most 1 MB of output per step, none of it kept) and gives
+    up once it passes ``max_bytes`` plus :data:`DEFLATE_HEADER_ALLOWANCE`. Any other file,
+    or a stream that is not valid deflate data (pydicom then says so), gives None.
+    """
+    import zlib
+
+    if max_bytes is None:
+        return None
+    with open(path, "rb") as fh:
+        if _DEFLATED_UID not in fh.read(_META_BYTES):
+            return None
+        start = _dataset_start(fh)
+        if start is None:
+            return None
+        fh.seek(start)
+        cap = float(max_bytes) + DEFLATE_HEADER_ALLOWANCE
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while not inflater.eof:
+                data = fh.read(1 << 16)
+                if not data:
+                    break
+                while data and not inflater.eof:
+                    total += len(inflater.decompress(data, 1 << 20))
+                    if total > cap:
+                        return (
+                            f"deflated data expands past {cap / 2**20:.0f} MB, over the limit "
+                            f"of {max_bytes / 2**20:.0f} MB (--max-image-mb): refused before "
+                            "inflating the rest (decompression bomb?)"
+                        )
+                    data = inflater.unconsumed_tail
+        except zlib.error:
+            return None  # not deflate data at all: pydicom's own error names it
+    return None
+
+
+def deflated_header(path: Any, max_out: int = 1 << 20) -> Any:
+    """The header tags (up to group 0028) of a deflated file, inflating at most ``max_out``
+    bytes; None when they cannot be read. Lets a refused bomb still name its series."""
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    with open(path, "rb") as fh:
+        start = _dataset_start(fh)
+        if start is None:
+            return None
+        fh.seek(start)
+        try:
+            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(fh.read(1 << 16), max_out)
+        except zlib.error:
+            return None
+    try:
+        return read_dataset(
+            DicomBytesIO(head), False, True,
+            stop_when=lambda tag, vr, length: tag.group > 0x0028,
+        )
+    except Exception:  # noqa: BLE001 - cut mid-element or damaged: no header to offer
+        return None
+
+
+def _dataset_start(fh: Any) -> int | None:
+    """Offset of the dataset after the file meta group, if it is the deflated syntax."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        fh.seek(0)
+        read_preamble(fh, True)
+        meta = _read_file_meta_info(fh)
+    except Exception:  # noqa: BLE001 - a damaged meta group: pydicom reports it when reading
+        return None
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return None
+    return fh.tell()
 
 
 def _int(value: Any, default: int = 0) -> int:

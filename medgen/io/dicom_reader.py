@@ -20,7 +20,7 @@ import numpy as np
 from medgen.errors import InputError
 from medgen.io.dicom_frames import CorruptImageError, Frame, SplitKey, frames_from_dataset
 from medgen.io.dicom_geometry import stack_frames, source_files
-from medgen.io.dicom_limits import DEFAULT_MAX_IMAGE_MB, check_declared_size
+from medgen.io.dicom_limits import DEFAULT_MAX_IMAGE_MB, check_declared_size, check_deflated_size
 from medgen.io.dicom_meta import acquisition_fields
 from medgen.volume import Volume, VolumeMeta
 
@@ -222,6 +222,9 @@ def _decode(path: Path, max_bytes: float | None) -> tuple[Any, list[Frame]] | In
     from medgen.io.dicom_warnings import drop_unreadable_elements
 
     try:
+        bomb = check_deflated_size(path, max_bytes)  # before pydicom inflates all of it
+        if bomb:
+            return _Corrupt(path, bomb)
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
         return _Corrupt(path, f"unreadable DICOM ({_first_line(exc)})")

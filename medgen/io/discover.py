@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from medgen.io.dicom_limits import DEFAULT_MAX_IMAGE_MB, check_deflated_size
+
 #: "broken": looks like DICOM but cannot be used (unreadable header, no series UID ...).
 FileKind = Literal["dicom", "dicomdir", "nifti", "itk", "broken", "other"]
 
@@ -23,7 +25,10 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # Header-only read: enough to group files into series without touching pixel data.
 _NIFTI_HEADER_SIZES = {struct.pack(o + "i", n) for o in "<>" for n in (348, 540)}
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_SCAN_TAGS = ("SOPClassUID", "SeriesInstanceUID", "Modality", "Rows", "NumberOfFrames")
+_SCAN_TAGS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows",
+    "NumberOfFrames",
+)
 
 
 @dataclass(frozen=True)
@@ -41,23 +46,39 @@ class FileEntry:
     size: int
     mtime_ns: int
     series_uid: str | None = None
+    study_uid: str | None = None
     note: str = ""
     damage: str = ""
     warnings: tuple[str, ...] = ()
 
 
-def scan_tree(root: str | Path) -> Iterator[FileEntry]:
+def scan_tree(
+    root: str | Path, *, max_image_mb: float | None = DEFAULT_MAX_IMAGE_MB
+) -> Iterator[FileEntry]:
     """Classify every regular file under ``root`` (or ``root`` itself), in a stable order.
 
     Hidden files and folders (names starting with ".") are passed over: they hold
     tool state such as medgen's own temporary files, never scans. Symbolic links are
     followed (archives kept by git-annex or DataLad are trees of links), each real folder
     is entered once, so a link back up the tree cannot loop, and a link to nothing is
-    reported as such.
+    reported as such. A deflated file that inflates past ``max_image_mb`` (plus room for
+    its header) is ``"broken"``: reading its header would inflate all of it.
     """
+    max_bytes = None if max_image_mb is None else float(max_image_mb) * 2**20
+    for path in walk_files(root):
+        if path.is_file():
+            yield _classify_or_note(path, max_bytes)
+        else:
+            yield FileEntry(path=path, kind="other", size=0, mtime_ns=0,
+                            note="broken symbolic link")
+
+
+def walk_files(root: str | Path) -> Iterator[Path]:
+    """Every file (and link to nothing) under ``root`` as :func:`scan_tree` sees them,
+    in the same order, without opening any: hidden names skipped, links followed once."""
     root = Path(root)
     if root.is_file():
-        yield _classify_or_note(root)
+        yield root
         return
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such file or folder")
@@ -73,11 +94,8 @@ def scan_tree(root: str | Path) -> Iterator[FileEntry]:
             if name.startswith("."):
                 continue
             path = Path(folder) / name
-            if path.is_file():
-                yield _classify_or_note(path)
-            elif path.is_symlink():
-                yield FileEntry(path=path, kind="other", size=0, mtime_ns=0,
-                                note="broken symbolic link")
+            if path.is_file() or path.is_symlink():
+                yield path
 
 
 def _dir_id(folder: str) -> tuple[int, int] | None:
@@ -88,10 +106,10 @@ def _dir_id(folder: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _classify_or_note(path: Path) -> FileEntry:
+def _classify_or_note(path: Path, max_bytes: float | None = None) -> FileEntry:
     """One unreadable file (permissions, vanished mid-scan) must not end the whole scan."""
     try:
-        return classify_file(path)
+        return classify_file(path, max_bytes)
     except OSError as exc:
         return FileEntry(path=path, kind="other", size=0, mtime_ns=0,
                          note=f"unreadable file ({exc.strerror or type(exc).__name__})")
@@ -100,8 +118,11 @@ def _classify_or_note(path: Path) -> FileEntry:
                          note=f"cannot classify file ({_short(exc)})")
 
 
-def classify_file(path: Path) -> FileEntry:
-    """Say what one file is, reading at most its DICOM header (never pixel data)."""
+def classify_file(path: Path, max_bytes: float | None = None) -> FileEntry:
+    """Say what one file is, reading at most its DICOM header (never pixel data).
+
+    ``max_bytes`` caps what a deflated file may inflate to (None: no cap).
+    """
     stat = path.stat()
     entry = dict(path=path, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
     lower = path.name.lower()
@@ -109,10 +130,10 @@ def classify_file(path: Path) -> FileEntry:
         return FileEntry(kind="nifti", **entry)
     if lower.endswith(ITK_SUFFIXES):
         return FileEntry(kind="itk", **entry)
-    return _classify_dicom(path, entry)
+    return _classify_dicom(path, entry, max_bytes)
 
 
-def _classify_dicom(path: Path, entry: dict) -> FileEntry:
+def _classify_dicom(path: Path, entry: dict, max_bytes: float | None = None) -> FileEntry:
     """Header-only look at a possible DICOM file; any failure becomes the file's note.
 
     A file that looks like DICOM but cannot be used is ``"broken"``; an image header cut
@@ -127,6 +148,9 @@ def _classify_dicom(path: Path, entry: dict) -> FileEntry:
     has_preamble = len(head) == 132 and head[128:132] == b"DICM"
     if not has_preamble and not _looks_like_bare_dicom(head):
         return FileEntry(kind="other", note=_describe_non_dicom(head), **entry)
+    bomb = check_deflated_size(path, max_bytes)
+    if bomb:
+        return _refused_bomb(path, bomb, entry)
     with file_warnings() as caught:
         try:
             ds = _read_scan_tags(path, force=not has_preamble)
@@ -137,18 +161,35 @@ def _classify_dicom(path: Path, entry: dict) -> FileEntry:
                              warnings=tuple(caught), **entry)
 
 
+def _refused_bomb(path: Path, reason: str, entry: dict) -> FileEntry:
+    """A deflate bomb is a corrupt image of its series when its first bytes name one."""
+    from medgen.io.dicom_limits import deflated_header
+
+    try:
+        ds = deflated_header(path)
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip() if ds is not None else ""
+    except Exception:  # noqa: BLE001 - a damaged head: the file is still refused
+        series_uid = ""
+    if series_uid and _UID.match(series_uid) and "Rows" in ds:
+        return FileEntry(kind="dicom", series_uid=series_uid, damage=reason, **entry)
+    return FileEntry(kind="broken", note=reason, **entry)
+
+
 def _entry_from_header(ds, has_preamble: bool, entry: dict, caught: list[str]) -> FileEntry:
     meta_class = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
     sop_class = str(ds.get("SOPClassUID", meta_class))
     series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip() or None
     has_rows = "Rows" in ds
-    entry = dict(entry, warnings=tuple(caught))
+    study_uid = str(ds.get("StudyInstanceUID", "") or "").strip() or None
+    entry = dict(entry, warnings=tuple(caught), study_uid=study_uid)
     if sop_class == DICOMDIR_SOP_CLASS or meta_class == DICOMDIR_SOP_CLASS:
         return FileEntry(kind="dicomdir", note="DICOMDIR index", **entry)
     if sop_class and not _UID.match(sop_class.strip()):
         return FileEntry(kind="broken", note=f"invalid SOP Class UID {sop_class[:64]!r} "
                          "(file cut short or damaged?)", **entry)
-    is_image_class = "Image Storage" in _sop_name(sop_class)
+    # The file meta, written before the dataset, still says "image" when the dataset's own
+    # SOP Class UID was cut or damaged.
+    is_image_class = any("Image Storage" in _sop_name(uid) for uid in (sop_class, meta_class))
     if not has_rows:
         if is_image_class:
             damage = "corrupt image: the header ends before the image description (file cut short?)"
@@ -160,6 +201,9 @@ def _entry_from_header(ds, has_preamble: bool, entry: dict, caught: list[str]) -
                 return FileEntry(kind="broken", note="DICOM file without SOP class or image",
                                  **entry)
             return FileEntry(kind="other", note="not DICOM (unknown binary)", **entry)
+        if "SOPInstanceUID" not in ds:  # required in every object: the header was cut
+            return FileEntry(kind="broken", note="DICOM header ends before its SOP Instance UID "
+                             "(file cut short or damaged?)", **entry)
         return FileEntry(kind="other", note=f"DICOM without an image ({_sop_name(sop_class)})", **entry)
     if series_uid is None:
         return FileEntry(kind="broken", note="DICOM image without SeriesInstanceUID", **entry)

@@ -82,7 +82,10 @@ PHI_KEYS: tuple[str, ...] = (
     "OperatorsName",
     "StationName",
     "DeviceSerialNumber",
-    # free text that often carries names
+    # free text that often carries names (descriptions: the basic profile removes them too)
+    "SeriesDescription",
+    "ProtocolName",
+    "StudyDescription",
     "StudyComments",
     "ImageComments",
     "InterpretationText",

@@ -28,6 +28,22 @@ def load_volume(path: str | Path) -> Volume:
     return loaded
 
 
+def require_3d(volume: Volume, path: str | Path) -> Volume:
+    """``volume`` itself, or an :class:`InputError` naming ``path`` when it is one image.
+
+    The one check for stages whose models need 3D (train, enhance, synthesis): ingest
+    turns a one-image series into a one-slice volume and marks it ``ImageDimensions: 2``
+    in its sidecar; loaded again from NIfTI, it has a spatial axis of one voxel.
+    """
+    marked_2d = volume.meta.acquisition.get("ImageDimensions") == 2
+    if marked_2d or min(volume.shape[:3]) < 2:
+        shape = "x".join(str(n) for n in volume.shape)
+        raise InputError(
+            path, f"is a 2D image ({shape} voxels); this stage needs a 3D volume of several slices"
+        )
+    return volume
+
+
 def expand_paths(entries: Iterable[str], what: str) -> list[Path]:
     """Glob patterns and plain paths -> existing paths, in order, without duplicates."""
     found: list[Path] = []

@@ -138,7 +138,7 @@ def enhance(
     from medgen.inference.enhance import enhance_with
     from medgen.inference.loading import load_model
     from medgen.io import save
-    from medgen.stages.common import load_volume, volume_facts
+    from medgen.stages.common import load_volume, require_3d, volume_facts
     from medgen.tracking import Tracker
     from medgen.training.distributed import pick_device
 
@@ -150,7 +150,7 @@ def enhance(
     scan, out = Path(scan), Path(out)
     if fmt == "nifti" and not out.name.endswith((".nii", ".nii.gz")):
         raise InputError(out, "a NIfTI output must end in .nii or .nii.gz (or use --format dicom)")
-    volume = load_volume(scan)
+    volume = require_3d(load_volume(scan), scan)
     dev = pick_device(device)
     loaded = load_model(model, device=dev, tracking_uri=tracking_uri)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from medgen.archive.manifest import Manifest, SeriesState
 from medgen.errors import InputError
 from medgen.io.dicom_limits import DEFAULT_MAX_IMAGE_MB
+from medgen.stages.ingest_names import SourceNames
 from medgen.stages.ingest_plan import SeriesTask, plan_ingest
 from medgen.stages.ingest_run import TaskResult, run_tasks
 
@@ -46,10 +47,14 @@ class IngestSummary:
     volumes_unchanged : int
         Volumes of unchanged series, left as they were.
     skipped : list of (path, kind, note)
-        Files that are not images (paths relative to SRC).
+        Files that are not images.
     quarantined : list of (path, reason)
-        One line per bad file or series (paths relative to SRC), also from earlier runs
-        when the files are unchanged.
+        One line per bad file or series, also from earlier runs when the files are
+        unchanged.
+    pseudonymous : bool
+        Paths here, in the manifest and in the log are pseudonyms of the real paths under
+        SRC (the default); false with ``keep_phi``, when they are the real relative paths.
+        :func:`medgen.stages.ingest_names.locate` maps pseudonyms back.
     temp_files_removed : int
         Leftovers of a killed run removed from DST at the start.
     warnings_logged : int
@@ -68,6 +73,7 @@ class IngestSummary:
     notes: list[str] = field(default_factory=list)
     temp_files_removed: int = 0
     warnings_logged: int = 0
+    pseudonymous: bool = True
 
     @property
     def log_path(self) -> Path:
@@ -125,7 +131,10 @@ def ingest(
     workers : int
         Series converted at once in separate processes; 1 converts in this process.
     keep_phi : bool
-        Keep patient identifiers in the sidecars (off: they are left out everywhere).
+        Keep patient identifiers in the sidecars, the series description in output names
+        and real source paths in messages, the manifest and the log. Off (the default),
+        files are named by keyed pseudonyms (``DST/pseudonym.key``) and reasons are
+        scrubbed of quoted values and paths.
     progress : bool
         Show a progress bar over the series on stderr.
     max_image_mb : float
@@ -156,22 +165,29 @@ def ingest(
             f"`max_image_mb` must be > 0, got {max_image_mb!r}; e.g. 2048 allows 2 GB images"
         )
     src_path, dst_path = _check_folders(src, dst)
-    summary = IngestSummary(src=src_path, dst=dst_path)
-    with _exclusive(dst_path), _WarningLog(summary) as log:
-        summary.temp_files_removed = remove_stale_temp_files(dst_path)
-        with routed_warnings(lambda text: log.write("", text)), Manifest.open(dst_path) as manifest:
-            _ingest(
-                manifest, summary, log, workers=workers, keep_phi=keep_phi, progress=progress,
-                max_image_mb=float(max_image_mb),
-            )
+    summary = IngestSummary(src=src_path, dst=dst_path, pseudonymous=not keep_phi)
+    with _exclusive(dst_path):
+        names = SourceNames.for_output(dst_path, keep_phi=keep_phi)
+        with _WarningLog(summary, names) as log:
+            summary.temp_files_removed = remove_stale_temp_files(dst_path)
+            with routed_warnings(lambda text: log.write("", text)), \
+                    Manifest.open(dst_path) as manifest:
+                _ingest(
+                    manifest, summary, log, names, workers=workers, keep_phi=keep_phi,
+                    progress=progress, max_image_mb=float(max_image_mb),
+                )
     return summary
 
 
 class _WarningLog:
-    """Appends ``path: warning`` lines to ``DST/ingest.log``, opened on the first line."""
+    """Appends ``path: warning`` lines to ``DST/ingest.log``, opened on the first line.
 
-    def __init__(self, summary: IngestSummary) -> None:
+    ``path`` is named as everywhere else; the text is scrubbed unless patient data is kept.
+    """
+
+    def __init__(self, summary: IngestSummary, names: SourceNames) -> None:
         self.summary = summary
+        self.names = names
         self._handle = None
 
     def __enter__(self) -> _WarningLog:
@@ -188,6 +204,7 @@ class _WarningLog:
             self._handle = open(self.summary.log_path, "a", encoding="utf-8", errors="replace")
             stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self._handle.write(f"# medgen ingest {stamp}\n")
+        text = self.names.text(text)
         self._handle.write(f"{path}: {text}\n" if path else f"{text}\n")
         self.summary.warnings_logged += 1
 
@@ -196,6 +213,7 @@ def _ingest(
     manifest: Manifest,
     summary: IngestSummary,
     log: _WarningLog,
+    names: SourceNames,
     *,
     workers: int,
     keep_phi: bool,
@@ -203,7 +221,7 @@ def _ingest(
     max_image_mb: float,
 ) -> None:
     src, dst = summary.src, summary.dst
-    plan = plan_ingest(src, dst, keep_phi=keep_phi, max_image_mb=max_image_mb)
+    plan = plan_ingest(src, dst, keep_phi=keep_phi, max_image_mb=max_image_mb, names=names)
     for path, text in plan.warnings:
         log.write(path, text)
     manifest.record_files(plan.records)
@@ -224,6 +242,7 @@ def _ingest(
         for task, result in done:
             if result.fatal is not None:
                 raise InputError(dst, result.fatal)  # e.g. disk full: stop, resume later
+            result = result.scrubbed(task)  # also what the pool itself reported
             _record(manifest, dst, task, result, manifest.series_state(task.key))
             for path, text in result.warnings:
                 log.write(path, text)

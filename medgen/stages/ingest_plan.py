@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from medgen.archive.manifest import FileRecord, fingerprint
-from medgen.io.deid import pseudonym
 from medgen.io.dicom_limits import DEFAULT_MAX_IMAGE_MB
+from medgen.stages.ingest_names import SourceNames
 
 # Bump when the conversion changes in a way that should redo every series.
-CONVERTER_VERSION = "2"
+CONVERTER_VERSION = "3"
 IMAGE_KINDS = ("dicom", "nifti", "itk")
 
 
@@ -24,10 +25,11 @@ IMAGE_KINDS = ("dicom", "nifti", "itk")
 class SeriesTask:
     """Everything a worker process needs to convert one series (picklable).
 
-    ``files`` are absolute paths, ``rel_files`` the same files relative to SRC (POSIX,
-    printable: bytes that are not UTF-8 appear as ``\\xNN``). ``damaged`` pairs files of
-    the series whose header is cut short with why (the reader refuses what they belong to);
-    ``max_image_mb`` is the largest decoded image the reader may allocate.
+    ``files`` are absolute paths, ``rel_files`` the same files as they are named in
+    messages and the manifest: relative to SRC (POSIX, printable: bytes that are not UTF-8
+    appear as ``\\xNN``) with ``keep_phi``, else pseudonymous (see ``names``). ``damaged``
+    pairs files of the series whose header is cut short with why (the reader refuses what
+    they belong to); ``max_image_mb`` is the largest decoded image the reader may allocate.
     """
 
     key: str
@@ -40,10 +42,30 @@ class SeriesTask:
     keep_phi: bool
     damaged: tuple[tuple[str, str], ...] = ()
     max_image_mb: float = DEFAULT_MAX_IMAGE_MB
+    names: SourceNames | None = None  # None: real paths (tests building tasks by hand)
+    real_name: str = ""  # the first file's real name, for a one-file image with keep_phi
+
+    def name_of(self, path: str | Path) -> str:
+        """How a file of this task (absolute path, maybe not one of ``files``) is named."""
+        by_path, by_real = self._names_by_path
+        name = by_path.get(str(path)) or by_real.get(os.path.realpath(path))
+        if name is not None:
+            return name
+        rel = relative_posix(path, Path(self.src))
+        return self.names.path(rel) if self.names is not None else rel
+
+    @cached_property
+    def _names_by_path(self) -> tuple[dict[str, str], dict[str, str]]:
+        by_path = dict(zip(self.files, self.rel_files, strict=True))
+        return by_path, {os.path.realpath(p): r for p, r in by_path.items()}
+
+    def text(self, text: str) -> str:
+        """A reason or warning as it may be shown and stored (scrubbed unless keep_phi)."""
+        return self.names.text(text) if self.names is not None else text
 
     @property
     def label(self) -> str:
-        """Where the series lives, relative to SRC, for progress and messages."""
+        """Where the series lives (its named folder), for progress and messages."""
         if self.kind != "dicom":
             return self.rel_files[0]
         folders = sorted({str(Path(p).parent.as_posix()) for p in self.rel_files})
@@ -91,7 +113,12 @@ def is_within(path: Path, folder: Path) -> bool:
 
 
 def plan_ingest(
-    src: Path, dst: Path, *, keep_phi: bool = False, max_image_mb: float = DEFAULT_MAX_IMAGE_MB
+    src: Path,
+    dst: Path,
+    *,
+    keep_phi: bool = False,
+    max_image_mb: float = DEFAULT_MAX_IMAGE_MB,
+    names: SourceNames | None = None,
 ) -> Plan:
     """Scan ``src`` and group its files into tasks; files under ``dst`` are left out.
 
@@ -103,11 +130,21 @@ def plan_ingest(
         Part of every fingerprint: switching it redoes each series (its sidecar changes).
     max_image_mb : float
         Largest decoded image a reader may allocate (see :class:`SeriesTask`).
+    names : SourceNames, optional
+        How files and series are named; by default those of ``dst`` (its key is made if
+        missing).
     """
     from medgen.io.discover import scan_tree
 
-    entries = [e for e in scan_tree(src) if not is_within(_absolute(e.path), dst)]
-    return plan_from_entries(entries, src, dst, keep_phi=keep_phi, max_image_mb=max_image_mb)
+    entries = [
+        e for e in scan_tree(src, max_image_mb=max_image_mb)
+        if not is_within(_absolute(e.path), dst)
+    ]
+    if names is None:
+        names = SourceNames.for_output(dst, keep_phi=keep_phi)
+    return plan_from_entries(
+        entries, src, dst, keep_phi=keep_phi, max_image_mb=max_image_mb, names=names
+    )
 
 
 def plan_from_entries(
@@ -117,46 +154,54 @@ def plan_from_entries(
     *,
     keep_phi: bool = False,
     max_image_mb: float = DEFAULT_MAX_IMAGE_MB,
+    names: SourceNames | None = None,
 ) -> Plan:
     """Build the :class:`Plan` from ``scan_tree`` entries (see :func:`plan_ingest`)."""
+    if names is None:
+        names = SourceNames.for_output(dst, keep_phi=keep_phi)
     entries = list(entries)
     series_of = _series_of_damaged(entries)
     records: list[FileRecord] = []
-    groups: dict[str, list[tuple[str, str, int, int]]] = {}
+    groups: dict[str, list[tuple[str, str, int, int, str]]] = {}
     kinds: dict[str, str] = {}
     damaged: dict[str, list[tuple[str, str]]] = {}
     warned: list[tuple[str, str]] = []
     for entry in entries:
         # Links are read where they point, but named where they are (under SRC).
         link_path = os.path.abspath(entry.path)
-        rel = relative_posix(link_path, src)
-        warned.extend((rel, text) for text in getattr(entry, "warnings", ()))
+        real_rel = relative_posix(link_path, src)
+        rel = names.path(real_rel)  # how the file is named from here on
+        warned.extend((rel, names.text(text)) for text in getattr(entry, "warnings", ()))
         if entry.kind == "dicom" and entry.series_uid:
-            key = pseudonym(series_of.get(id(entry), entry.series_uid))
+            key = names.series_key(series_of.get(id(entry), entry.series_uid))
             if getattr(entry, "damage", ""):
-                damaged.setdefault(key, []).append((link_path, entry.damage))
+                damaged.setdefault(key, []).append((link_path, names.text(entry.damage)))
         elif entry.kind in IMAGE_KINDS:
             # One task per file; the key hashes its place under SRC, not its name alone.
-            key = pseudonym("file", rel)
+            key = names.file_key(real_rel)
         elif entry.kind == "broken":
             records.append(
                 FileRecord(rel, entry.size, entry.mtime_ns, entry.kind, None, "quarantined",
-                           entry.note or "unusable DICOM file")
+                           names.text(entry.note or "unusable DICOM file"))
             )
             continue
         else:
             note = entry.note or ("DICOMDIR index" if entry.kind == "dicomdir" else "not an image")
             records.append(
-                FileRecord(rel, entry.size, entry.mtime_ns, entry.kind, None, "skipped", note)
+                FileRecord(rel, entry.size, entry.mtime_ns, entry.kind, None, "skipped",
+                           names.text(note))
             )
             continue
         records.append(FileRecord(rel, entry.size, entry.mtime_ns, entry.kind, key))
-        groups.setdefault(key, []).append((link_path, rel, entry.size, entry.mtime_ns))
+        groups.setdefault(key, []).append(
+            (link_path, rel, entry.size, entry.mtime_ns, real_rel)
+        )
         kinds[key] = entry.kind
     salt = f"medgen-ingest/{CONVERTER_VERSION}|keep_phi={int(bool(keep_phi))}|max_mb={max_image_mb:g}"
     tasks = []
-    for key in sorted(groups, key=lambda k: min(f[1] for f in groups[k])):
-        files = sorted(groups[key], key=lambda f: f[1])
+    # In the order of the real paths, whatever the names shown.
+    for key in sorted(groups, key=lambda k: min(f[4] for f in groups[k])):
+        files = sorted(groups[key], key=lambda f: f[4])
         tasks.append(
             SeriesTask(
                 key=key,
@@ -169,6 +214,8 @@ def plan_from_entries(
                 keep_phi=bool(keep_phi),
                 damaged=tuple(damaged.get(key, ())),
                 max_image_mb=float(max_image_mb),
+                names=names,
+                real_name=Path(files[0][4]).name if keep_phi else "",
             )
         )
     return Plan(tuple(records), tuple(tasks), tuple(warned))
@@ -178,20 +225,26 @@ def _series_of_damaged(entries: list) -> dict[int, str]:
     """Series UID for each damaged image whose own UID was cut short.
 
     A copy cut inside SeriesInstanceUID leaves a prefix of the real UID: such a file
-    belongs to the one intact series in its folder whose UID starts with that prefix.
+    belongs to the one intact series in its folder whose UID starts with that prefix and
+    whose StudyInstanceUID (stored before the cut) is the file's own.
     """
-    intact: dict[str, set[str]] = {}
+    intact: dict[str, dict[str, str | None]] = {}
     for e in entries:
         if e.kind == "dicom" and e.series_uid and not getattr(e, "damage", ""):
-            intact.setdefault(os.path.dirname(os.path.abspath(e.path)), set()).add(e.series_uid)
+            folder = intact.setdefault(os.path.dirname(os.path.abspath(e.path)), {})
+            folder[e.series_uid] = getattr(e, "study_uid", None)
     out: dict[int, str] = {}
     for e in entries:
         if e.kind != "dicom" or not getattr(e, "damage", "") or not e.series_uid:
             continue
-        here = intact.get(os.path.dirname(os.path.abspath(e.path)), set())
+        here = intact.get(os.path.dirname(os.path.abspath(e.path)), {})
         if e.series_uid in here:
             continue
-        matches = [uid for uid in here if uid.startswith(e.series_uid)]
+        study = getattr(e, "study_uid", None)
+        matches = [
+            uid for uid, uid_study in here.items()
+            if uid.startswith(e.series_uid) and (study is None or uid_study in (None, study))
+        ]
         if len(matches) == 1:
             out[id(e)] = matches[0]
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medgen.errors import InputError
 from medgen.io.deid import output_stem, safe_name
-from medgen.stages.ingest_plan import SeriesTask, relative_posix
+from medgen.stages.ingest_plan import SeriesTask
 
 
 @dataclass
@@ -28,11 +28,12 @@ class TaskResult:
     volumes : list of str
         The ``.nii.gz`` names among ``outputs``.
     file_fates : list of (path, fate, detail)
-        Per input file (relative to SRC): ``converted`` -> output names, ``quarantined`` ->
-        reason.
+        Per input file (named as in ``SeriesTask.rel_files``): ``converted`` -> output
+        names, ``quarantined`` -> reason.
     error : str or None
-        Why the whole series gave nothing; ``error_path`` (relative to SRC) is the file
-        the reason refers to.
+        Why the whole series gave nothing; ``error_path`` (named the same way) is the file
+        the reason refers to. Reasons, notes and warnings are scrubbed of quoted values
+        and paths unless the task keeps patient data.
     transient : bool
         The failure may not happen again (out of memory, a crashed process, an unexpected
         error): the next run retries the series even if its files are unchanged.
@@ -49,7 +50,17 @@ class TaskResult:
     error_path: str | None = None
     transient: bool = False
     fatal: str | None = None
-    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path rel. to SRC, text)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (named path, text)
+
+    def scrubbed(self, task: SeriesTask) -> TaskResult:
+        """This result with every reason, note and warning as ``task`` may show it."""
+        self.error = None if self.error is None else task.text(self.error)
+        self.file_fates = [
+            (p, fate, task.text(d) if fate == "quarantined" else d) for p, fate, d in self.file_fates
+        ]
+        self.notes = [task.text(n) for n in self.notes]
+        self.warnings = [(p, task.text(t)) for p, t in self.warnings]
+        return self
 
 
 class _OutputError(Exception):
@@ -68,7 +79,7 @@ def convert_task(task: SeriesTask) -> TaskResult:
         result = _convert_safely(task)
     where = task.rel_files[0] if task.rel_files else ""
     result.warnings.extend((where, text) for text in stray)
-    return result
+    return result.scrubbed(task)
 
 
 def _convert_safely(task: SeriesTask) -> TaskResult:
@@ -76,7 +87,7 @@ def _convert_safely(task: SeriesTask) -> TaskResult:
         return _convert(task)
     except InputError as exc:
         failed = _failed(task, exc.reason, exc.path)
-        failed.warnings = [(_rel(task, p), text) for p, text in getattr(exc, "warnings", ())]
+        failed.warnings = [(task.name_of(p), text) for p, text in getattr(exc, "warnings", ())]
         return failed
     except _OutputError as exc:
         return TaskResult(task.key, error=str(exc), fatal=str(exc))
@@ -92,7 +103,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _convert(task: SeriesTask) -> TaskResult:
-    src, dst = Path(task.src), Path(task.dst)
+    dst = Path(task.dst)
     result = TaskResult(task.key)
     if task.kind == "dicom":
         from medgen.io.dicom_reader import read_dicom_series
@@ -104,24 +115,20 @@ def _convert(task: SeriesTask) -> TaskResult:
             damaged=dict(task.damaged),
         )
         volumes, rejected, result.notes = series.volumes, series.rejected, list(series.notes)
-        result.warnings = [(_rel(task, p), text) for p, text in series.warnings]
+        result.warnings = [(task.name_of(p), text) for p, text in series.warnings]
     else:
         from medgen.io import load
 
         loaded = load(task.files[0])
         volumes = loaded if isinstance(loaded, list) else [loaded]
         rejected = []
-    rel_of = {os.path.realpath(p): r for p, r in zip(task.files, task.rel_files, strict=True)}
     used: dict[str, list[str]] = {}
     stems: set[str] = set()
     for index, volume in enumerate(volumes):
         stem = _unique(_stem_for(task, volume, index, len(volumes)), stems)
-        sources = [
-            rel_of.get(os.path.realpath(p), relative_posix(p, src))
-            for p in volume.meta.source_files
-        ]
+        sources = [task.name_of(p) for p in volume.meta.source_files]
         volume.meta.series_key = task.key
-        # Paths relative to SRC: portable, and no folder names that might identify a patient.
+        # Named as in the manifest: relative to SRC with keep_phi, else pseudonymous.
         volume.meta.source_files = tuple(sources)
         try:
             names = _write_volume(volume, dst, stem, task.keep_phi)
@@ -132,30 +139,22 @@ def _convert(task: SeriesTask) -> TaskResult:
         for rel in sources:
             used.setdefault(rel, []).append(names[0])
     for path, reason in rejected:
-        rel = rel_of.get(os.path.realpath(path), relative_posix(path, src))
-        result.file_fates.append((rel, "quarantined", reason))
+        result.file_fates.append((task.name_of(path), "quarantined", reason))
     for rel, names in used.items():
         result.file_fates.append((rel, "converted", ", ".join(names)))
     return result
-
-
-def _rel(task: SeriesTask, path: str | Path) -> str:
-    """``path`` (absolute, maybe a link) relative to SRC, as the task names it."""
-    real = os.path.realpath(path)
-    for p, r in zip(task.files, task.rel_files, strict=True):
-        if p == str(path) or os.path.realpath(p) == real:
-            return r
-    return relative_posix(path, Path(task.src))
 
 
 def _stem_for(task: SeriesTask, volume, index: int, n_volumes: int) -> str:
     acq = volume.meta.acquisition or {}
     if task.kind == "dicom":
         part = acq.get("VolumePart") or (str(index + 1) if n_volumes > 1 else None)
-        return output_stem(task.key, acq.get("SeriesNumber"), acq.get("SeriesDescription"), part)
+        # The description is free text (it may name the patient): only with keep_phi.
+        description = acq.get("SeriesDescription") if task.keep_phi else None
+        return output_stem(task.key, acq.get("SeriesNumber"), description, part)
     if not task.keep_phi:  # file names are often patient names: only the key by default
         return task.key if n_volumes == 1 else f"{task.key}_{index + 1}"
-    name = Path(task.rel_files[0]).name
+    name = task.real_name or Path(task.rel_files[0]).name
     for suffix in (".nii.gz", ".nii", ".hdr", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
@@ -186,11 +185,7 @@ def _write_volume(volume, dst: Path, stem: str, keep_phi: bool) -> list[str]:
 def _failed(
     task: SeriesTask, reason: str, path: str | Path | None, *, transient: bool = False
 ) -> TaskResult:
-    rel = None
-    if path is not None:
-        real = os.path.realpath(path)
-        by_real = {os.path.realpath(p): r for p, r in zip(task.files, task.rel_files, strict=True)}
-        rel = by_real.get(real) or relative_posix(real, Path(task.src))
+    rel = None if path is None else task.name_of(path)
     return TaskResult(
         task.key, error=reason, error_path=rel or task.rel_files[0], transient=transient
     )

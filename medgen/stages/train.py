@@ -138,7 +138,7 @@ def check_trainable(cfg: PipelineConfig, source: str) -> None:
 
 
 def _training_volumes(cfg: PipelineConfig):
-    from medgen.stages.common import expand_paths, load_volume
+    from medgen.stages.common import expand_paths, load_volume, require_3d
     from medgen.training.patches import TrainingVolume
 
     if not cfg.data.train:
@@ -147,7 +147,7 @@ def _training_volumes(cfg: PipelineConfig):
     n = cfg.data.normalisation
     volumes = [
         TrainingVolume.from_volume(
-            load_volume(p), n.mode, n.lower, n.upper, cfg.data.foreground_only, name=p.name
+            require_3d(load_volume(p), p), n.mode, n.lower, n.upper, cfg.data.foreground_only, name=p.name
         )
         for p in paths
     ]
@@ -157,14 +157,14 @@ def _training_volumes(cfg: PipelineConfig):
 def _validation_pairs(cfg: PipelineConfig) -> list[tuple[Any, Any]]:
     """(degraded, clean) Volume pairs from ``data.val``: a central crop, degraded once (seeded)."""
     from medgen.data.degrade import DegradationChain, build_degradation
-    from medgen.stages.common import absolute_noise_params, central_crop, expand_paths, load_volume
+    from medgen.stages.common import absolute_noise_params, central_crop, expand_paths, load_volume, require_3d
 
     pairs = []
     if not cfg.data.val:
         return pairs
     shrink = [int(round(f)) for f in (grid_shrink_factor(cfg) or [1.0, 1.0, 1.0])]
     for i, path in enumerate(expand_paths(cfg.data.val, "data.val")):
-        full = load_volume(path)
+        full = require_3d(load_volume(path), path)
         if full.array.ndim == 4:
             full = full.with_array(full.array[..., 0], full.slope, full.intercept)
         values = full.values(np.float32)

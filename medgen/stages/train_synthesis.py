@@ -70,9 +70,9 @@ def _records(cfg: PipelineConfig, need_label: bool, covariates: list[str]):
 
 def _volume(record: CohortRecord, cfg: PipelineConfig) -> Volume:
     """The scan as it is, or on the common grid (physical values, float32)."""
-    from medgen.stages.common import load_volume
+    from medgen.stages.common import load_volume, require_3d
 
-    volume = load_volume(record.path)
+    volume = require_3d(load_volume(record.path), record.path)
     if cfg.data.grid is None:
         return volume
     values, affine = onto_grid(volume, cfg.data.grid.shape_vox, cfg.data.grid.spacing_mm)
