@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medgen.archive.manifest import MANIFEST_NAME, _now, _Transaction
+from medgen.archive.manifest import MANIFEST_NAME, Transaction, utc_now
 
 __all__ = [
     "LEDGER_NAME",
@@ -266,10 +266,10 @@ class Ledger:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _transaction(self) -> _Transaction:
+    def _transaction(self) -> Transaction:
         if self._db is None:
             raise ValueError(f"{self.path}: ledger is closed")
-        return _Transaction(self._db)
+        return Transaction(self._db)
 
     # -- studies ------------------------------------------------------------------------
 
@@ -293,7 +293,7 @@ class Ledger:
                     db.execute(
                         "INSERT INTO ledger_studies (study_key, kind, n_files, input_fingerprint,"
                         " present, added) VALUES (?, ?, ?, ?, 1, ?)",
-                        (s.study_key, s.kind, int(s.n_files), s.input_fingerprint, _now()),
+                        (s.study_key, s.kind, int(s.n_files), s.input_fingerprint, utc_now()),
                     )
                 else:
                     counts["changed"] += old[0] != s.input_fingerprint
@@ -537,7 +537,7 @@ class BatchLock:
                 handle.close()
                 raise InputError(self.path.parent, f"another medgen batch{_holder_text(self.path)} "
                                  "is writing to this folder")
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now()}
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps(holder).encode())

@@ -320,7 +320,7 @@ class Manifest:
                     reason,
                     problem_path,
                     n_files,
-                    _now(),
+                    utc_now(),
                 ),
             )
             default_fate = "quarantined" if status == "quarantined" else "skipped"
@@ -381,13 +381,13 @@ class Manifest:
             out[f"series_{status}"] = n
         return out
 
-    def _transaction(self) -> _Transaction:
+    def _transaction(self) -> Transaction:
         if self._db is None:
             raise ValueError(f"{self.path}: manifest is closed")
-        return _Transaction(self._db)
+        return Transaction(self._db)
 
 
-class _Transaction:
+class Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK when the block raises (even on Ctrl-C)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -420,5 +420,5 @@ def _check_fate(fate: str) -> str:
     return fate
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
