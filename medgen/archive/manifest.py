@@ -421,4 +421,5 @@ def _check_fate(fate: str) -> str:
 
 
 def utc_now() -> str:
+    """The current UTC time as ISO 8601 to the second (how the manifest stamps rows)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
