@@ -176,6 +176,11 @@ class LatentDiffusionConfig(_Section):
                 )
         if len(set(self.covariates)) != len(self.covariates):
             raise ValueError(f"`covariates` must not repeat a name, got {self.covariates}")
+        if self.training == "rflow" and "sampler" not in self.model_fields_set:
+            object.__setattr__(self, "sampler", "rflow")  # the only sampler a flow model takes
+        if (self.sampler == "rflow") != (self.training == "rflow"):
+            usable = "rflow" if self.training == "rflow" else "ddpm or ddim"
+            raise ValueError(f"`sampler` {self.sampler!r} cannot sample a model trained with {self.training!r}: use {usable}")
         return self
 
 

@@ -115,6 +115,11 @@ class SynthesisModel:
         )  # fmt: skip
 
 
+def article(kind: str) -> str:
+    """``"an autoencoder"``, ``"a unet"``: the kind with its article."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
 def is_bundle_folder(path: str | Path) -> bool:
     """A MONAI model-zoo bundle: a folder with ``configs/`` (JSON) and ``models/``."""
     p = Path(path)
@@ -139,7 +144,7 @@ def load_synthesis_model(
         return load_bundle(model, device=device)
     loaded = load_model(model, device=device, tracking_uri=tracking_uri)
     if loaded.kind != "latent_diffusion":
-        raise InputError(loaded.path or model, f"is a {loaded.kind} model, not a synthesis (latent_diffusion) model")
+        raise InputError(loaded.path or model, f"is {article(loaded.kind)} model, not a synthesis (latent_diffusion) model")
     spec = loaded.metadata.get("synthesis")
     if not spec:
         raise InputError(loaded.path or model, "has no synthesis metadata (grid, units): was it trained by medgen?")

@@ -55,14 +55,16 @@ def reverse_diffusion(
     scheduler,
     *,
     step_generator: torch.Generator | None = None,
+    eta: float = 0.0,
     progress: bool = False,
     description: str = "sampling",
 ) -> torch.Tensor:
     """Walk a MONAI scheduler's timesteps from the state ``x`` (pure noise) to a sample.
 
-    Works with ``DDIMScheduler`` (deterministic), ``DDPMScheduler`` (ancestral: fresh noise
-    each step from ``step_generator``, on ``x``'s device) and ``RFlowScheduler`` (Euler
-    steps of the velocity, each to the next timestep and the last one to 0).
+    Works with ``DDIMScheduler`` (deterministic with ``eta`` 0; ``eta`` 1 adds DDPM's
+    noise on its skipped schedule), ``DDPMScheduler`` (ancestral) — both drawing fresh noise
+    from ``step_generator`` on ``x``'s device — and ``RFlowScheduler`` (Euler steps of the
+    velocity, each to the next timestep and the last one to 0).
     """
     steps = [int(t) for t in scheduler.timesteps]
     iterator = steps
@@ -77,6 +79,8 @@ def reverse_diffusion(
             x, _ = scheduler.step(output, t, x, steps[i + 1] if i + 1 < len(steps) else 0)
         elif kind == "DDPMScheduler":
             x, _ = scheduler.step(output, t, x, generator=step_generator)
+        elif eta:
+            x, _ = scheduler.step(output, t, x, eta=eta, generator=step_generator)
         else:
             x, _ = scheduler.step(output, t, x)
     return x

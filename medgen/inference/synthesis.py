@@ -74,8 +74,17 @@ def scheduler_for(settings: DiffusionSettings, sampler: str, steps: int):
         raise ParameterError(f"`steps` must be <= {settings.num_train_timesteps}, got {steps}")
     if sampler == "rflow":
         return rflow_scheduler(settings.num_train_timesteps, steps)
-    make = ddpm_sampling_scheduler if sampler == "ddpm" else sampling_scheduler
-    return make(steps, settings.num_train_timesteps, settings.schedule, settings.prediction_type, **settings.schedule_args)
+    args = (steps, settings.num_train_timesteps, settings.schedule, settings.prediction_type)
+    if sampler == "ddpm" and steps == settings.num_train_timesteps:
+        return ddpm_sampling_scheduler(*args, **settings.schedule_args)
+    # DDIM; for "ddpm" in fewer steps than training, DDIM with eta = 1 is the ancestral
+    # sampler on the skipped schedule (MONAI's DDPMScheduler only steps t -> t - 1).
+    return sampling_scheduler(*args, **settings.schedule_args)
+
+
+def step_eta(sampler: str) -> float:
+    """DDIM's ``eta``: 1 (fresh noise every step, as DDPM) for "ddpm", 0 (deterministic)."""
+    return 1.0 if sampler == "ddpm" else 0.0
 
 
 def default_steps(settings: DiffusionSettings, sampler: str, steps: int | None) -> int:
@@ -190,6 +199,7 @@ def sample_latents(
         step_generator = torch.Generator(device=device).manual_seed(_sample_seed(request.seed, index, 1))
         scheduler = scheduler_for(settings, sampler, steps)
         samples.append(reverse_diffusion(predict, x, scheduler, step_generator=step_generator, progress=progress,
+                                         eta=step_eta(sampler),
                                          description=f"sample {index}"))  # fmt: skip
     return torch.cat(samples)
 

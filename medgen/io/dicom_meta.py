@@ -49,6 +49,8 @@ def acquisition_fields(ds: Any, *, keep_phi: bool = False) -> dict[str, Any]:
         if value is None or value == "":
             continue
         out[name] = _jsonable(value, scale)
+    if "SYNTHETIC" in [str(v).upper() for v in (out.get("ImageType") or [])]:
+        out["synthetic"] = True  # a generated series stays marked through any later stage
     if keep_phi:
         for keyword in _PHI_FIELDS:
             value = ds.get(keyword)

@@ -24,7 +24,7 @@ def synthesize_command(
         typer.Option("--condition", "-c", metavar="KEY=VALUE", help="Class label or covariate, e.g. label=1; repeatable."),
     ] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help="ddpm, ddim or rflow (default: the model's).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps (default: the model's; ddpm 1000).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps (default: the model's; ddpm: every training timestep).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same volumes.")] = 0,
     guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale (1 = none).")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="nifti or dicom.")] = "nifti",  # noqa: A002

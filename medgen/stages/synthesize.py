@@ -1,6 +1,6 @@
 """``medgen synthesize``: generate volumes with a latent diffusion model, marked synthetic.
 
-Outputs in ``out/``: ``synth-s<seed>-<index>.nii.gz`` with a JSON sidecar (``"synthetic":
+Outputs in ``out/``: ``synthetic-s<seed>-<index>.nii.gz`` with a JSON sidecar (``"synthetic":
 true``, model, seed, condition, sampler, steps), or one derived DICOM series per volume
 (ImageType ``DERIVED\\SECONDARY\\SYNTHETIC``, SeriesDescription starting "SYNTHETIC", no
 patient identity); a montage of the first samples; ``synthesis.json`` listing them. An

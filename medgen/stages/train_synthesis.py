@@ -192,14 +192,14 @@ def reconstruction_validator(cfg: PipelineConfig, volumes: list[Volume], run, de
 
 # -- latent diffusion -------------------------------------------------------------------
 def _load_autoencoder(cfg: PipelineConfig, source: str):
-    from medgen.inference.loading import load_model
+    from medgen.inference.loading import article, load_model
 
     ref = cfg.model.latent_diffusion.autoencoder
     if not ref:
         raise ConfigError(f"{source}: model.latent_diffusion.autoencoder: name the trained autoencoder")
     loaded = load_model(ref)
     if loaded.kind != "autoencoder":
-        raise InputError(ref, f"is a {loaded.kind} model, not an autoencoder")
+        raise InputError(ref, f"is {article(loaded.kind)} model, not an autoencoder")
     return loaded
 
 

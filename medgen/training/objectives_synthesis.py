@@ -130,9 +130,12 @@ class LatentDiffusionObjective(Objective):
 
         self.training_kind = training
         if training == "rflow":
-            self.scheduler = rflow_scheduler(num_train_timesteps)
+            scheduler = rflow_scheduler(num_train_timesteps)
         else:
-            self.scheduler = training_scheduler(num_train_timesteps, schedule, prediction_type)
+            scheduler = training_scheduler(num_train_timesteps, schedule, prediction_type)
+        # Kept out of the module tree: it holds no weights, and MONAI's RFlowScheduler skips
+        # nn.Module.__init__, so registering it breaks ``.to(device)``.
+        object.__setattr__(self, "scheduler", scheduler)
         self.prediction_type = prediction_type
         self.num_classes = int(num_classes)
         self.label_dropout = float(label_dropout)
