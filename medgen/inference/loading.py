@@ -105,13 +105,13 @@ class SynthesisModel:
     source: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def generate(self, request, *, device="cpu", tile_latent_vox: int | None = None, progress: bool = False):
+    def generate(self, request, *, device="cpu", slab_latent_vox: int | None = None, progress: bool = False):
         """Volumes for ``request`` (:class:`medgen.inference.synthesis.SynthesisRequest`)."""
         from medgen.inference.synthesis import generate_volumes
 
         return generate_volumes(
             self.model, self.settings, self.spec, request, device=device, source=self.source,
-            tile_latent_vox=tile_latent_vox, progress=progress,
+            slab_latent_vox=slab_latent_vox, progress=progress,
         )  # fmt: skip
 
 

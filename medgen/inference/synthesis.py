@@ -1,5 +1,5 @@
-"""Synthesis: sample latents with DDPM, DDIM or rectified flow, decode them (in tiles when
-large), and restore them as volumes on the training data's grid, in its units, marked
+"""Synthesis: sample latents with DDPM, DDIM or rectified flow, decode them (in exact slabs
+when large), and restore them as volumes on the training data's grid, in its units, marked
 synthetic.
 
 Sample ``i`` of a request draws all its randomness from ``(seed, first_index + i)``, so the
@@ -209,18 +209,15 @@ def _sample_seed(seed: int, index: int, stream: int = 0) -> int:
 
 
 @torch.no_grad()
-def decode_latents(model: nn.Module, latents: torch.Tensor, *, tile_latent_vox: int | None = None) -> torch.Tensor:
-    """Images ``(n, 1, D, H, W)`` from scaled latents; in overlapping tiles of
-    ``tile_latent_vox`` latent voxels (Gaussian-blended, MONAI sliding window) when the
-    latent is larger, so memory stays bounded for large volumes."""
-    if tile_latent_vox is None or all(s <= tile_latent_vox for s in latents.shape[2:]):
+def decode_latents(model: nn.Module, latents: torch.Tensor, *, slab_latent_vox: int | None = None) -> torch.Tensor:
+    """Images ``(n, 1, D, H, W)`` from scaled latents; with ``slab_latent_vox``, decoded
+    exactly in slabs of that many latent voxels so memory stays bounded for large volumes
+    (:func:`medgen.inference.split_decode.split_decode`)."""
+    if slab_latent_vox is None or slab_latent_vox >= latents.shape[2]:
         return model.decode(latents)
-    from monai.inferers import sliding_window_inference  # lazy: MONAI is heavy to import
+    from medgen.inference.split_decode import split_decode
 
-    return sliding_window_inference(
-        latents, roi_size=(int(tile_latent_vox),) * 3, sw_batch_size=1, predictor=model.decode,
-        overlap=0.25, mode="gaussian",
-    )  # fmt: skip
+    return split_decode(model.autoencoder, latents / model.scale_factor, slab_latent_vox)
 
 
 def synthetic_volume(image: np.ndarray, spec: SynthesisSpec, record: dict[str, Any], key: str) -> Volume:
@@ -246,7 +243,7 @@ def generate_volumes(
     *,
     device: torch.device | str = "cpu",
     source: str = "",
-    tile_latent_vox: int | None = None,
+    slab_latent_vox: int | None = None,
     progress: bool = False,
 ) -> list[Volume]:
     """``request.n`` synthetic volumes (see :func:`sample_latents`, :func:`decode_latents`)."""
@@ -256,7 +253,7 @@ def generate_volumes(
     steps = default_steps(settings, sampler, request.steps)
     volumes = []
     for i in range(latents.shape[0]):
-        image = decode_latents(model, latents[i : i + 1], tile_latent_vox=tile_latent_vox)[0, 0]
+        image = decode_latents(model, latents[i : i + 1], slab_latent_vox=slab_latent_vox)[0, 0]
         index = request.first_index + i
         record = {
             "model": source,

@@ -29,8 +29,9 @@ def synthesize_command(
     guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale (1 = none).")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="nifti or dicom.")] = "nifti",  # noqa: A002
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    tile: Annotated[
-        int | None, typer.Option("--tile", metavar="LATENT_VOX", help="Decode in tiles of this many latent voxels (bounded memory).")
+    slab: Annotated[
+        int | None,
+        typer.Option("--slab", metavar="LATENT_VOX", help="Decode exactly in slabs this many latent voxels thick (bounded memory)."),
     ] = None,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help=_TRACKING_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -40,7 +41,7 @@ def synthesize_command(
 
     summary = synthesize(
         model, out, n=n, condition=parse_conditions(condition), sampler=sampler, steps=steps, seed=seed,
-        guidance_scale=guidance, format=format, device=device, tile_latent_vox=tile,
+        guidance_scale=guidance, format=format, device=device, slab_latent_vox=slab,
         tracking_uri=tracking_uri, progress=not quiet,
     )  # fmt: skip
     typer.echo(

@@ -90,7 +90,7 @@ def synthesize(
     guidance_scale: float | None = None,
     format: str = "nifti",  # noqa: A002
     device: str = "auto",
-    tile_latent_vox: int | None = None,
+    slab_latent_vox: int | None = None,
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     experiment: str = "medgen",
@@ -124,7 +124,7 @@ def synthesize(
     for i in range(n):
         request = SynthesisRequest(n=1, condition=condition, seed=seed, sampler=sampler, steps=steps,
                                    guidance_scale=guidance_scale, first_index=i)  # fmt: skip
-        volume = synth.generate(request, device=dev, tile_latent_vox=tile_latent_vox, progress=progress)[0]
+        volume = synth.generate(request, device=dev, slab_latent_vox=slab_latent_vox, progress=progress)[0]
         paths.append(_write(volume, out_dir, fmt))
         records.append({"file": paths[-1].name, **volume.meta.acquisition["synthesis"]})
         if len(volumes) < MONTAGE_SAMPLES:
