@@ -55,7 +55,8 @@ class EnhanceStep(_Step):
     out: Path
     model: str | None = None  # None: the model of the latest train stage
     format: Literal["nifti", "dicom"] = "nifti"
-    adapt_seconds: float = Field(0.0, ge=0.0)
+    adapt_seconds: float = Field(0.0, ge=0.0)  # with adapt_steps: only a safety cap on the clock
+    adapt_steps: int | None = Field(None, ge=1)  # step budget (super-resolution); rules over adapt_seconds
 
 
 class BaselineStep(_Step):
@@ -77,6 +78,36 @@ class ExportStep(_Step):
     montage: Path | None = None
 
 
+class CohortStep(_Step):
+    """A seeded labelled phantom cohort (:func:`medgen.samples_cohort.write_cohort`)."""
+
+    out: Path
+    n_per_class: int = Field(10, ge=1)
+    seed: int = 0
+    shape_vox: list[int] = Field(default_factory=lambda: [48, 48, 48], min_length=3, max_length=3)
+    task: Literal["lesion", "ventricles"] = "lesion"
+
+
+class SynthesizeStep(_Step):
+    out: Path
+    model: str | None = None  # None: the model of the latest latent_diffusion train stage
+    n: int = Field(4, ge=1)
+    condition: dict[str, float | int | str] = Field(default_factory=dict)
+    sampler: Literal["ddpm", "ddim", "rflow"] | None = None
+    steps: int | None = Field(None, ge=1)
+    seed: int = 0
+    guidance_scale: float | None = Field(None, ge=0.0)
+    format: Literal["nifti", "dicom"] = "nifti"
+
+
+class EvaluateSynthesisStep(_Step):
+    synth: Path
+    real: Path
+    train: Path | None = None
+    out: Path | None = None
+    encoder_steps: int = Field(200, ge=1)
+
+
 STEP_TYPES: dict[str, type[_Step]] = {
     "ingest": IngestStep,
     "degrade": DegradeStep,
@@ -85,6 +116,9 @@ STEP_TYPES: dict[str, type[_Step]] = {
     "baseline": BaselineStep,
     "evaluate": EvaluateStep,
     "export": ExportStep,
+    "cohort": CohortStep,
+    "synthesize": SynthesizeStep,
+    "evaluate_synthesis": EvaluateSynthesisStep,
 }
 
 
@@ -98,6 +132,9 @@ class Stage(_Step):
     baseline: BaselineStep | None = None
     evaluate: EvaluateStep | None = None
     export: ExportStep | None = None
+    cohort: CohortStep | None = None
+    synthesize: SynthesizeStep | None = None
+    evaluate_synthesis: EvaluateSynthesisStep | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Stage:
@@ -191,7 +228,8 @@ class _Context:
         self.tracking = dict(tracking_uri=tracking_uri, parent_run_id=parent_run_id)
         self.experiment = experiment
         self.progress = progress
-        self.model: str | None = None
+        self.model: str | None = None  # the latest enhancement model
+        self.synthesis_model: str | None = None  # the latest latent diffusion model
 
     def run(self, kind: str, step: _Step) -> Any:
         return getattr(self, f"_{kind}")(step)
@@ -211,7 +249,11 @@ class _Context:
         from medgen.stages.train import train
 
         summary = train(step.config, resume=step.resume, progress=self.progress, **self.tracking)
-        self.model = str(summary.model_path)
+        kind = summary.config.model.kind
+        if kind == "latent_diffusion":
+            self.synthesis_model = str(summary.model_path)
+        elif kind != "autoencoder":
+            self.model = str(summary.model_path)
         return summary
 
     def _enhance(self, step: EnhanceStep) -> Any:
@@ -220,7 +262,7 @@ class _Context:
         model = step.model or self.model
         if model is None:
             raise ConfigError("enhance: no `model` given and no train stage before it")
-        return enhance(step.scan, model, step.out, step.format, step.adapt_seconds,
+        return enhance(step.scan, model, step.out, step.format, step.adapt_seconds, adapt_steps=step.adapt_steps,
                        experiment=self.experiment, progress=self.progress, **self.tracking)
 
     def _baseline(self, step: BaselineStep) -> Any:
@@ -239,3 +281,27 @@ class _Context:
         from medgen.stages.export import export
 
         return export(step.volume, dicom=step.dicom, montage=step.montage)
+
+    def _cohort(self, step: CohortStep) -> Any:
+        from medgen.samples_cohort import write_cohort
+
+        return write_cohort(step.out, n_per_class=step.n_per_class, seed=step.seed,
+                            shape=tuple(step.shape_vox), task=step.task)
+
+    def _synthesize(self, step: SynthesizeStep) -> Any:
+        from medgen.stages.synthesize import synthesize
+
+        model = step.model or self.synthesis_model
+        if model is None:
+            raise ConfigError("synthesize: no `model` given and no latent_diffusion train stage before it")
+        return synthesize(model, step.out, n=step.n, condition=step.condition, sampler=step.sampler,
+                          steps=step.steps, seed=step.seed, guidance_scale=step.guidance_scale,
+                          format=step.format, experiment=self.experiment, progress=self.progress,
+                          **self.tracking)
+
+    def _evaluate_synthesis(self, step: EvaluateSynthesisStep) -> Any:
+        from medgen.stages.evaluate_synthesis import evaluate_synthesis
+
+        return evaluate_synthesis(step.synth, step.real, step.train, out=step.out,
+                                  encoder_steps=step.encoder_steps, experiment=self.experiment,
+                                  **self.tracking)

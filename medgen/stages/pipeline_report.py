@@ -28,3 +28,12 @@ def print_stage(kind: str, result: Any) -> None:
     elif kind == "export":
         picture = f", montage {result.montage}" if result.montage else ""
         console.print(f"[bold]export[/bold]: {len(result.dicom_files)} DICOM files{picture}")
+    elif kind == "cohort":
+        console.print(f"[bold]cohort[/bold]: {result}")
+    elif kind == "synthesize":
+        console.print(f"[bold]synthesize[/bold]: {len(result.paths)} synthetic volumes, "
+                      f"{result.seconds_per_volume:.1f} s each, peak memory {result.peak_memory_mb:.0f} MB")
+    elif kind == "evaluate_synthesis":
+        metrics = result.get("metrics", {}) if isinstance(result, dict) else {}
+        shown = ", ".join(f"{k.removeprefix('synthesis/')}={v:.4g}" for k, v in sorted(metrics.items()))
+        console.print(f"[bold]evaluate_synthesis[/bold]: {shown}")
