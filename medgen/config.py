@@ -168,11 +168,12 @@ class LatentDiffusionConfig(_Section):
     @model_validator(mode="after")
     def _levels_match(self) -> LatentDiffusionConfig:
         _check_levels(self.channels, self.attention_levels, self.norm_num_groups)
-        for c in self.channels:
-            if any(self.attention_levels) and c % self.num_head_channels:
+        # Attention levels need whole heads, and so does the middle block, which always attends.
+        for c, attends in zip(self.channels, [*self.attention_levels[:-1], True]):
+            if attends and c % self.num_head_channels:
                 raise ValueError(
-                    f"every entry of `channels` must be a multiple of `num_head_channels` "
-                    f"({self.num_head_channels}) when attention is on, got {c}"
+                    f"`channels` of every attending level (and the last, whose middle block always "
+                    f"attends) must be a multiple of `num_head_channels` ({self.num_head_channels}), got {c}"
                 )
         if len(set(self.covariates)) != len(self.covariates):
             raise ValueError(f"`covariates` must not repeat a name, got {self.covariates}")

@@ -165,3 +165,17 @@ def test_shipped_configs_are_valid(path):
     if cfg.model.kind not in SYNTHESIS_KINDS:
         assert cfg.degradations, "every shipped enhancement config degrades its clean data"
     check_trainable(cfg, str(path))  # raises ConfigError on a cross-section mismatch
+
+
+def test_latent_diffusion_heads_must_fit_the_middle_block():
+    with pytest.raises(ValueError, match=r"middle block always attends\) must be a multiple of `num_head_channels` \(16\), got 8"):
+        PipelineConfig.model_validate({"model": {"kind": "latent_diffusion", "latent_diffusion": {
+            "channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 4}}})
+
+
+def test_synthesis_kinds_take_the_synthesis_task_and_refuse_others():
+    assert PipelineConfig.model_validate({"model": {"kind": "autoencoder"}}).model.task == "synthesis"
+    with pytest.raises(ValueError, match="`task` must be synthesis for an? 'autoencoder' model, got 'denoise'"):
+        PipelineConfig.model_validate({"model": {"kind": "autoencoder", "task": "denoise"}})
+    with pytest.raises(ValueError, match="`perceptual` > 0 needs `perceptual_weights`"):
+        PipelineConfig.model_validate({"training": {"loss": {"perceptual": 0.1}}})

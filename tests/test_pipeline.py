@@ -98,3 +98,44 @@ def test_paths_are_relative_to_the_pipeline_file(tmp_path):
     step = load_pipeline(pipeline).stages[0].step
     assert step.volume == (tmp_path / "v.nii.gz").resolve()
     assert step.montage == (tmp_path / "sub" / "m.png").resolve()
+
+
+def test_synthesis_stages_run_in_a_pipeline(tmp_path: Path):
+    """cohort -> autoencoder -> latent diffusion -> synthesize, the model passed on implicitly."""
+    cohort = tmp_path / "cohort"
+    common = {"batch_size": 2, "checkpoint_every": 2, "log_every": 1, "amp": False}
+    write_yaml(tmp_path / "vae.yaml", {
+        "name": "vae", "experiment": "pipeline-test",
+        "model": {"kind": "autoencoder", "autoencoder": {"channels": [4, 8], "attention_levels": [False, False],
+                                                         "latent_channels": 2, "norm_num_groups": 4},
+                  "discriminator": {"channels": 4, "num_layers_d": 1}},
+        "training": {"steps": 2, "val_every": 2, "ema_decay": None, "out_dir": str(tmp_path / "vae"), **common},
+        "data": {"labels_csv": str(cohort / "labels.csv"), "grid": {"shape_vox": [16, 16, 16], "spacing_mm": [4, 4, 4]},
+                 "patch_size_vox": [16, 16, 16]},
+    })  # fmt: skip
+    write_yaml(tmp_path / "ldm.yaml", {
+        "name": "ldm", "experiment": "pipeline-test",
+        "model": {"kind": "latent_diffusion", "latent_diffusion": {
+            "autoencoder": str(tmp_path / "vae" / "model.pt"), "channels": [8, 8], "attention_levels": [False, False],
+            "norm_num_groups": 4, "num_head_channels": 8, "num_classes": 2, "sampling_steps": 2}},
+        "training": {"steps": 2, "val_every": 10, "out_dir": str(tmp_path / "ldm"), **common},
+        "data": {"labels_csv": str(cohort / "labels.csv")},
+    })  # fmt: skip
+    pipeline = write_yaml(tmp_path / "pipe.yaml", {"name": "synth", "experiment": "pipeline-test", "stages": [
+        {"cohort": {"out": "cohort", "n_per_class": 2, "shape_vox": [16, 16, 16]}},
+        {"train": {"config": "vae.yaml"}},
+        {"train": {"config": "ldm.yaml"}},
+        {"synthesize": {"out": "synth", "n": 2, "condition": {"label": 1}}},
+    ]})  # fmt: skip
+    result = run_pipeline(pipeline, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+    kinds = [kind for kind, _ in result.results]
+    assert kinds == ["cohort", "train", "train", "synthesize"]
+    synth = result.results[-1][1]
+    assert [p.name for p in synth.paths] == ["synthetic-s0-00000.nii.gz", "synthetic-s0-00001.nii.gz"]
+    assert all(r["condition"] == {"label": 1} for r in synth.records)
+
+
+def test_synthesize_without_a_latent_diffusion_model_stops_with_one_line(tmp_path: Path):
+    pipeline = write_yaml(tmp_path / "pipe.yaml", {"name": "p", "stages": [{"synthesize": {"out": "synth"}}]})
+    with pytest.raises(ConfigError, match="synthesize: no `model` given and no latent_diffusion train stage before it"):
+        run_pipeline(pipeline, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
