@@ -1,32 +1,38 @@
 """Shared pieces of per-scan adaptation: intensity scaling, budgeted loops, records.
 
 * :class:`IntensityScale` maps a scan to about ``[0, 1]`` and back, exactly.
-* :func:`budgeted_loop` runs optimisation steps until a time budget or a step cap runs out
-  and records what it did (:class:`AdaptRecord`), for logs and MLflow.
+* :func:`budgeted_loop` runs optimisation steps until a step budget is spent or the clock
+  runs out, estimates the time up front, logs progress with an ETA and records what it did
+  (:class:`AdaptRecord`), for logs, the sidecar and MLflow; :func:`warn_below_minimum`
+  says so in one line when too few steps ran.
 * :func:`basic_unet` builds the MONAI network the adapters use, starting as the identity.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
-from medgen.validate import check_int, check_non_negative
+from medgen.validate import ParameterError, check_int, check_non_negative
 
 __all__ = [
     "AdaptRecord",
     "IntensityScale",
     "basic_unet",
+    "budget_is_empty",
     "budgeted_loop",
     "check_budget",
     "cosine_lr",
+    "format_seconds",
     "seeded",
+    "warn_below_minimum",
 ]
 
 
@@ -84,12 +90,29 @@ class AdaptRecord:
         return asdict(self)
 
 
-def check_budget(seconds: Any, max_steps: Any) -> tuple[float, int | None]:
-    """Validate a time budget (seconds >= 0) and an optional step cap (int >= 0)."""
-    seconds = check_non_negative("seconds", seconds)
+def check_budget(seconds: Any, max_steps: Any) -> tuple[float | None, int | None]:
+    """Validate a time budget (seconds >= 0, or None: no clock) and a step budget (int >= 0).
+
+    At least one of them must be given: a loop needs something that ends it.
+    """
+    if seconds is None and max_steps is None:
+        raise ParameterError("give a time budget `seconds` or a step budget `max_steps` (both are None)")
+    if seconds is not None:
+        seconds = check_non_negative("seconds", seconds)
     if max_steps is not None:
         max_steps = check_int("max_steps", max_steps, minimum=0)
     return seconds, max_steps
+
+
+def budget_is_empty(seconds: float | None, max_steps: int | None) -> bool:
+    """True when the budget allows no step at all (``seconds == 0`` or ``max_steps == 0``).
+
+    Examples
+    --------
+    >>> budget_is_empty(0.0, None), budget_is_empty(None, 5), budget_is_empty(60.0, 0)
+    (True, False, True)
+    """
+    return seconds == 0 or max_steps == 0
 
 
 @contextmanager
@@ -102,40 +125,153 @@ def seeded(seed: int):
         yield
 
 
+def format_seconds(seconds: float) -> str:
+    """``75.0`` -> ``"1 min 15 s"``, ``5.2`` -> ``"5 s"``, ``4020`` -> ``"1 h 07 min"``.
+
+    Examples
+    --------
+    >>> format_seconds(5.2), format_seconds(75.0), format_seconds(4020.0)
+    ('5 s', '1 min 15 s', '1 h 07 min')
+    """
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s" if s % 60 else f"{s // 60} min"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
 def budgeted_loop(
     step: Callable[[int, float], float],
-    seconds: float,
+    seconds: float | None,
     max_steps: int | None,
     record: AdaptRecord,
     log: Callable[[str], None] | None = None,
     log_every: int = 25,
+    *,
+    min_steps: int = 0,
+    estimate_after: int = 4,
 ) -> AdaptRecord:
-    """Call ``step(i, progress)`` until ``seconds`` pass or ``max_steps`` steps are done.
+    """Call ``step(i, progress)`` until the step budget is spent or the clock runs out.
 
-    ``progress`` is the fraction of the budget used so far, for learning-rate schedules: by
-    steps when there is a step cap (repeatable runs), else by time. ``step`` returns the loss, which is
-    recorded. A budget of 0 seconds runs no step.
+    Two budgets, and which one rules:
+
+    * **Step budget** (``max_steps``): the run does exactly ``max_steps`` steps and its
+      learning-rate schedule follows the steps alone (``progress = i / max_steps``), so the
+      result does not depend on the machine's speed or load. ``seconds`` is then only a
+      safety cap: if the clock runs out first the run stops early (``stopped_by = "time"``).
+    * **Time budget only** (``max_steps is None``): steps run until ``seconds`` pass and
+      the schedule follows the clock; how many steps fit depends on the machine.
+
+    After ``estimate_after`` steps the time per step (measured from the end of the first
+    step, which pays one-off costs) is extrapolated to the whole budget and logged; then a
+    progress line with an ETA every ``log_every`` steps. ``record`` receives the steps run,
+    the losses and, in ``params``: ``steps_budget``, ``seconds_cap``, ``steps_minimum``,
+    ``stopped_by`` (``"steps"`` or ``"time"``), ``below_minimum_steps`` (fewer than
+    ``min_steps`` steps ran) and ``seconds_per_step`` / ``seconds_estimate``.
+
+    Examples
+    --------
+    >>> rec = budgeted_loop(lambda i, p: 1.0 / (i + 1), None, 3, AdaptRecord("demo"))
+    >>> rec.steps, rec.losses[-1], rec.params["stopped_by"]
+    (3, 0.3333333333333333, 'steps')
     """
     started = time.perf_counter()
+    record.params.update(
+        steps_budget=max_steps, seconds_cap=seconds, steps_minimum=int(min_steps), stopped_by="steps"
+    )
+    after_first = None
     i = 0
     while True:
         elapsed = time.perf_counter() - started
-        if elapsed >= seconds or (max_steps is not None and i >= max_steps):
+        if max_steps is not None and i >= max_steps:
             break
-        # With a step cap the schedule follows the steps alone, so that a run is repeatable
-        # whatever the machine's speed; the time budget then only stops it early.
-        progress = i / max_steps if max_steps else (elapsed / seconds if seconds > 0 else 1.0)
+        if seconds is not None and elapsed >= seconds:
+            record.params["stopped_by"] = "time"
+            break
+        # With a step budget the schedule follows the steps alone, so that a run is
+        # repeatable whatever the machine's speed; the clock then only stops it early.
+        if max_steps:
+            progress = i / max_steps
+        else:
+            progress = elapsed / seconds if seconds else 1.0
         loss = float(step(i, min(progress, 1.0)))
         if not math.isfinite(loss):
             raise FloatingPointError(f"{record.method}: the loss became {loss} at step {i}")
         record.losses.append(loss)
         i += 1
+        now = time.perf_counter()
+        if i == 1:
+            after_first = now
+        if i == estimate_after and after_first is not None:
+            per_step = (now - after_first) / max(estimate_after - 1, 1)
+            record.params["seconds_per_step"] = round(per_step, 4)
+            _log_estimate(record, per_step, now - started, i, seconds, max_steps, log)
         if log is not None and i % log_every == 0:
             recent = record.losses[-log_every:]
-            log(f"{record.method}: step {i}, loss {np.mean(recent):.4g}, {time.perf_counter() - started:.0f} s")
+            log(f"{record.method}: {_progress_text(i, now - started, seconds, max_steps)}, loss {np.mean(recent):.4g}")
     record.steps = i
     record.seconds_train = time.perf_counter() - started
+    record.params["below_minimum_steps"] = bool(i < min_steps)
+    if i > 1 and after_first is not None:
+        record.params["seconds_per_step"] = round((time.perf_counter() - after_first) / (i - 1), 4)
     return record
+
+
+def _log_estimate(
+    record: AdaptRecord, per_step: float, elapsed: float, done: int, seconds: float | None,
+    max_steps: int | None, log: Callable[[str], None] | None,
+) -> None:
+    """Extrapolate the first steps' time per step to the budget; log it once."""
+    if max_steps is None:
+        # Time budget: how many steps will fit is the question.
+        fit = done + int(max((seconds or 0.0) - elapsed, 0.0) / max(per_step, 1e-9))
+        record.params["steps_estimate"] = fit
+        text = f"time budget {format_seconds(seconds or 0.0)}: about {fit} steps at {per_step:.3g} s/step"
+    else:
+        total = elapsed + per_step * (max_steps - done)
+        record.params["seconds_estimate"] = round(total, 1)
+        text = f"{max_steps} steps at {per_step:.3g} s/step: about {format_seconds(total)}"
+        if seconds is not None and total > seconds:
+            cut = done + int(max(seconds - elapsed, 0.0) / max(per_step, 1e-9))
+            text += f"; the {format_seconds(seconds)} clock cap will stop it after about {cut} steps"
+    if log is not None:
+        log(f"{record.method}: {text} (measured on steps 2-{done})")
+
+
+def _progress_text(done: int, elapsed: float, seconds: float | None, max_steps: int | None) -> str:
+    """``step 100/500, 36 s, ETA 2 min 24 s`` (by steps, capped by the clock if it ends first)."""
+    if max_steps is not None:
+        eta = elapsed / done * (max_steps - done)
+        if seconds is not None:
+            eta = min(eta, max(seconds - elapsed, 0.0))
+        return f"step {done}/{max_steps}, {format_seconds(elapsed)}, ETA {format_seconds(eta)}"
+    return f"step {done}, {format_seconds(elapsed)}, ETA {format_seconds(max((seconds or 0.0) - elapsed, 0.0))}"
+
+
+def warn_below_minimum(record: AdaptRecord, advice: str, stream: TextIO | None = None) -> bool:
+    """Write one line to ``stream`` (stderr) when fewer than the minimum steps ran; return the flag.
+
+    Examples
+    --------
+    >>> import io
+    >>> rec = AdaptRecord("smore", steps=3, params={"steps_minimum": 200, "below_minimum_steps": True,
+    ...                                             "stopped_by": "steps"})
+    >>> out = io.StringIO()
+    >>> warn_below_minimum(rec, "raise the step budget", out)
+    True
+    >>> print(out.getvalue().strip())
+    WARNING: smore ran only 3 training steps, below the minimum of 200 for a reliable result (the step budget ended it); raise the step budget
+    """
+    if not record.params.get("below_minimum_steps"):
+        return False
+    why = "the clock cap ended it" if record.params.get("stopped_by") == "time" else "the step budget ended it"
+    line = (
+        f"WARNING: {record.method} ran only {record.steps} training steps, below the minimum of "
+        f"{record.params.get('steps_minimum')} for a reliable result ({why}); {advice}"
+    )
+    print(line, file=stream if stream is not None else sys.stderr, flush=True)
+    return True
 
 
 def cosine_lr(base: float, progress: float, warmup: float = 0.05) -> float:

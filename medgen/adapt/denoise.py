@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medgen.adapt.common import AdaptRecord, IntensityScale, check_budget
+from medgen.adapt.common import AdaptRecord, IntensityScale, budget_is_empty, check_budget
 from medgen.validate import (
     ParameterError,
     check_non_negative,
@@ -372,7 +372,7 @@ def adapt_denoise(
     *,
     noise_sigma: float | None,
     noise: NoiseKind = "gaussian",
-    seconds: float = 0.0,
+    seconds: float | None = 0.0,
     seed: int = 0,
     init_model: LETDenoiser | None = None,
     log: Callable[[str], None] | None = None,
@@ -394,13 +394,13 @@ def adapt_denoise(
         Noise standard deviation in image units (per quadrature channel for Rician noise).
         ``None`` estimates it with :func:`medgen.baselines.denoise.estimate_noise_sigma`.
     noise : {"gaussian", "rician"}
-    seconds : float >= 0
-        0 switches adaptation off: the output is then ``init_model`` applied as it is, or
+    seconds : float >= 0 or None
+        0 (or ``max_steps=0``) switches adaptation off: the output is then ``init_model`` applied as it is, or
         without one the anchor (non-local means, h = 0.6 sigma) that an unfitted expansion
         reduces to. Any positive value fits the expansion to the scan; the fit is a fixed
         amount of work (features on the whole scan, features at ``y + eps b`` on a box of at
         most 160^3 voxels, one linear solve), reported in ``record``, not an iterative loop
-        that a budget could stop early.
+        that a budget could stop early. ``None`` with a ``max_steps`` budget also adapts.
     seed : int
         Seeds the SURE probe: the same seed and data give the same output.
     init_model : LETDenoiser, optional
@@ -410,7 +410,7 @@ def adapt_denoise(
         Receives progress lines.
     max_steps : int, optional
         Accepted for symmetry with :func:`~medgen.adapt.super_resolution.adapt_super_resolution`;
-        the closed-form fit has no steps.
+        the closed-form fit has no steps (it counts as one), so any budget > 0 gives the same output.
     record : dict, optional
         Filled in with what was done (:meth:`AdaptRecord.to_dict`), for MLflow.
     prior_weight : float >= 0
@@ -434,7 +434,7 @@ def adapt_denoise(
     seconds, max_steps = check_budget(seconds, max_steps)
     seed = check_seed("seed", seed) or 0
     prior_weight = check_non_negative("prior_weight", prior_weight)
-    adapt = seconds > 0
+    adapt = not budget_is_empty(seconds, max_steps)
     if init_model is not None and init_model.noise != noise:
         raise ParameterError(f"`init_model` was fitted for {init_model.noise!r} noise, got noise={noise!r}")
     extra_estimates, extra_outputs = list(extra_estimates), list(extra_outputs)

@@ -7,9 +7,11 @@
   The noise model (Rician or Gaussian) comes from the model's training degradations, the
   noise sigma is estimated from the scan.
 * **Super-resolution models**: the model's config gives the slice axis and factor; a
-  sub-slice network is trained on the scan's own in-plane detail for the time budget
-  (:func:`medgen.adapt.super_resolution.adapt_super_resolution`, the SMORE idea) and makes
-  the output, which keeps exact consistency with the acquired thick slices.
+  sub-slice network is trained on the scan's own in-plane detail for the step budget
+  (``--adapt-steps``; ``--adapt SECONDS`` is a clock budget, or only a safety cap when a
+  step budget is given) (:func:`medgen.adapt.super_resolution.adapt_super_resolution`, the
+  SMORE idea) and makes the output, which keeps exact consistency with the acquired thick
+  slices.
 """
 
 from __future__ import annotations
@@ -34,6 +36,35 @@ class AdaptedResult:
 
     volume: Volume
     records: list[dict[str, Any]] = field(default_factory=list)
+
+    def sidecar_entry(self) -> dict[str, Any]:
+        """What the sidecar says about the adaptation (``"Adaptation"``; all frames together).
+
+        ``StepsRun`` is the fewest steps any frame ran; ``BelowMinimumSteps`` is true when any
+        frame ran fewer than ``StepsMinimum`` (its output may be no better than the start).
+
+        Examples
+        --------
+        >>> r = AdaptedResult(None, [{"method": "smore", "steps": 30, "params": {"steps_budget": 30,
+        ...     "seconds_cap": None, "steps_minimum": 200, "below_minimum_steps": True, "stopped_by": "steps"}}])
+        >>> e = r.sidecar_entry()
+        >>> e["Method"], e["StepsRun"], e["StepsBudget"], e["BelowMinimumSteps"], e["StoppedBy"]
+        ('smore', 30, 30, True, 'steps')
+        """
+        first = self.records[0] if self.records else {}
+        params = [r.get("params", {}) for r in self.records] or [{}]
+        entry: dict[str, Any] = {
+            "Method": first.get("method", ""),
+            "StepsRun": min(int(r.get("steps", 0)) for r in self.records) if self.records else 0,
+            "StepsBudget": params[0].get("steps_budget"),
+            "SecondsCap": params[0].get("seconds_cap"),
+            "StepsMinimum": params[0].get("steps_minimum"),
+            "BelowMinimumSteps": any(bool(p.get("below_minimum_steps")) for p in params),
+            "StoppedBy": params[0].get("stopped_by"),
+        }
+        if "noise_sigma" in params[0]:
+            entry["NoiseSigmaEstimated"] = params[0]["noise_sigma"]
+        return entry
 
 
 def noise_kind_of(config) -> str:
@@ -65,8 +96,9 @@ def adapt_with_model(
     loaded,
     volume: Volume,
     enhanced: Volume,
-    seconds: float,
+    seconds: float | None,
     *,
+    max_steps: int | None = None,
     predict: Callable[[np.ndarray], np.ndarray],
     seed: int = 0,
     device: Any = "cpu",
@@ -80,9 +112,12 @@ def adapt_with_model(
         The trained model and its config.
     volume, enhanced : Volume
         The input scan and the model's plain output (same grid for denoising).
-    seconds : float > 0
-        Adaptation budget (super-resolution training time; the denoising fit is a fixed
-        amount of work, see :func:`~medgen.adapt.denoise.adapt_denoise`).
+    seconds : float > 0 or None
+        Clock budget of super-resolution training: the budget itself without ``max_steps``,
+        only a safety cap with it; None: no clock. (The denoising fit is a fixed amount of
+        work, see :func:`~medgen.adapt.denoise.adapt_denoise`; any budget runs it.)
+    max_steps : int >= 1, optional
+        Step budget of super-resolution training (``--adapt-steps``): it rules when given.
     predict : callable
         The model on a 3D array in physical units (same normalisation as the whole scan).
     seed : int
@@ -108,7 +143,8 @@ def adapt_with_model(
             rec: dict[str, Any] = {}
             outputs.append(
                 adapt_denoise(
-                    x, spacing, noise_sigma=None, noise=noise, seconds=seconds, seed=seed, log=log,
+                    # Any positive budget runs the (fixed-work) SURE fit.
+                    x, spacing, noise_sigma=None, noise=noise, seconds=seconds or 1.0, seed=seed, log=log,
                     record=rec, extra_estimates=[predict], extra_outputs=[model_output],
                 )
             )
@@ -121,8 +157,8 @@ def adapt_with_model(
             rec = {}
             outputs.append(
                 adapt_super_resolution(
-                    x, spacing, factor=factor, axis=axis, seconds=seconds, seed=seed, log=log, record=rec,
-                    device=device,
+                    x, spacing, factor=factor, axis=axis, seconds=seconds, max_steps=max_steps, seed=seed,
+                    log=log, record=rec, device=device,
                 )
             )
             records.append(rec)
@@ -130,5 +166,8 @@ def adapt_with_model(
     if values.shape != enhanced.shape:
         raise ParameterError(f"adapted output {values.shape} does not match the model's grid {enhanced.shape}")
     meta: VolumeMeta = enhanced.meta.copy()
-    meta.provenance.append(f"adapted to the scan: {records[0].get('method', '')}, {seconds:g} s budget")
+    entry = AdaptedResult(enhanced, records).sidecar_entry()
+    budget = f"{entry['StepsRun']} steps" if cfg.model.task != "denoise" else "closed-form SURE fit"
+    meta.provenance.append(f"adapted to the scan: {entry['Method']}, {budget}")
+    meta.acquisition["Adaptation"] = entry  # becomes the sidecar's "Adaptation"
     return AdaptedResult(Volume(values.astype(np.float32), enhanced.affine, meta), records)

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from medgen.errors import InputError
-from medgen.validate import ParameterError, check_non_negative, literal_options, look_up_option
+from medgen.validate import ParameterError, check_int, check_non_negative, literal_options, look_up_option
 
 OutputFormatName = Literal["nifti", "dicom"]
 
@@ -61,8 +61,9 @@ def _source_dataset(scan: Path):
     return None
 
 
-def _adapt(loaded, volume, result, seconds: float, run, dev, overlap: float, seed: int, progress: bool):
-    """Adapt the model's output to the scan (``--adapt``) and log what was done."""
+def _adapt(loaded, volume, result, seconds: float | None, steps: int | None, run, dev, overlap: float, seed: int,
+           progress: bool):
+    """Adapt the model's output to the scan (``--adapt``/``--adapt-steps``) and log what was done."""
     from medgen.adapt.with_model import adapt_with_model
     from medgen.inference.enhance import enhance_with
     from medgen.volume import Volume
@@ -78,17 +79,35 @@ def _adapt(loaded, volume, result, seconds: float, run, dev, overlap: float, see
     log = print if progress else None
     t0 = time.perf_counter()
     adapted = adapt_with_model(
-        loaded, volume, result.volume, seconds, predict=predict, seed=seed, device=dev, log=log
+        loaded, volume, result.volume, seconds, max_steps=steps, predict=predict, seed=seed, device=dev, log=log
     )
     first = adapted.records[0]
+    entry = adapted.sidecar_entry()
+    # Measured values (per-step time, estimates) are metrics, not params: they differ run to run.
+    measured = ("seconds_per_step", "seconds_estimate", "steps_estimate", "below_minimum_steps", "stopped_by")
     run.log_params(
         {
-            "adapt.seconds_budget": seconds,
+            "adapt.seconds_budget": seconds if seconds is not None else "none",
+            "adapt.steps_budget": steps if steps is not None else "none",
             "adapt.method": first.get("method", ""),
-            **{f"adapt.{k}": v for k, v in first.get("params", {}).items() if k not in ("spacing_mm",)},
+            **{
+                f"adapt.{k}": v for k, v in first.get("params", {}).items()
+                if k not in ("spacing_mm", "steps_budget", "seconds_cap", *measured)
+            },
         }
     )
-    run.log_metrics({"adapt.seconds": time.perf_counter() - t0, "adapt.steps": float(first.get("steps", 0))})
+    metrics = {
+        "adapt.seconds": time.perf_counter() - t0,
+        "adapt.steps": float(entry["StepsRun"]),
+        "adapt.below_minimum_steps": float(entry["BelowMinimumSteps"]),
+        "adapt.stopped_by_clock": float(entry["StoppedBy"] == "time"),
+    }
+    for key in ("seconds_per_step", "seconds_estimate"):
+        if key in first.get("params", {}):
+            metrics[f"adapt.{key}"] = float(first["params"][key])
+    run.log_metrics(metrics)
+    if entry["BelowMinimumSteps"]:
+        run.set_tags({"medgen.adapt_warning": f"only {entry['StepsRun']} steps (minimum {entry['StepsMinimum']})"})
     for i, loss in enumerate(first.get("losses", [])):
         if i % 10 == 0:
             run.log_metrics({"adapt.loss": loss}, step=i)
@@ -103,6 +122,7 @@ def enhance(
     format: OutputFormatName = "nifti",  # noqa: A002 - the user-facing option name
     adapt_seconds: float = 0.0,
     *,
+    adapt_steps: int | None = None,
     device: str = "auto",
     overlap: float = 0.25,
     seed: int = 0,
@@ -126,7 +146,16 @@ def enhance(
         Self-supervised adaptation to this scan (0: none; see :mod:`medgen.adapt.with_model`):
         denoising models have their output re-weighted with non-local features by SURE on
         the scan itself; super-resolution models hand over to a sub-slice network trained
-        on the scan's in-plane detail for this many seconds.
+        on the scan's in-plane detail for this many seconds -- or, with ``adapt_steps``, this
+        is only a safety cap on the clock.
+    adapt_steps : int >= 1, optional
+        Step budget of the super-resolution adaptation (``--adapt-steps``); turns adaptation
+        on by itself. It rules over ``adapt_seconds``: exactly this many steps run (unless the
+        clock cap ends it first), so the output does not depend on the machine's load. The
+        time it will take is estimated after 4 steps and printed; fewer steps than the
+        method's minimum (200 for SMORE) print one warning line on stderr and set
+        ``BelowMinimumSteps`` in the sidecar and ``adapt.below_minimum_steps`` in MLflow.
+        The denoising fit has no steps: any budget runs it once.
     device : {"auto", "cpu", "cuda"}
     overlap : float in [0, 1)
         Sliding-window overlap.
@@ -145,6 +174,8 @@ def enhance(
     started = time.perf_counter()
     fmt = look_up_option("format", format, literal_options(OutputFormatName))
     adapt_seconds = check_non_negative("adapt_seconds", adapt_seconds)
+    if adapt_steps is not None:
+        adapt_steps = check_int("adapt_steps", adapt_steps, minimum=1)
     if not 0.0 <= overlap < 1.0:
         raise ParameterError(f"`overlap` must be in [0, 1), got {overlap}")
     scan, out = Path(scan), Path(out)
@@ -177,8 +208,9 @@ def enhance(
         )
         result = enhance_with(loaded, volume, device=dev, overlap=overlap, seed=seed, progress=progress)
         output = result.volume
-        if adapt_seconds > 0:
-            output = _adapt(loaded, volume, result, adapt_seconds, run, dev, overlap, seed, progress)
+        if adapt_seconds > 0 or adapt_steps is not None:
+            output = _adapt(loaded, volume, result, adapt_seconds or None, adapt_steps, run, dev, overlap, seed,
+                            progress)
         if fmt == "dicom":
             kwargs = {"series_description": f"medgen {loaded.kind} enhanced"}
             if scan.is_dir() or not scan.name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):

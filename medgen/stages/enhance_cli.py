@@ -79,9 +79,22 @@ def enhance_command(
     adapt: Annotated[
         float,
         typer.Option(
-            "--adapt", metavar="SECONDS", help="Self-supervised adaptation budget in seconds (0: off)."
+            "--adapt",
+            metavar="SECONDS",
+            help="Self-supervised adaptation to the scan, budget in seconds (0: off); with --adapt-steps "
+            "only a safety cap on the clock.",
         ),
     ] = 0.0,
+    adapt_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--adapt-steps",
+            metavar="N",
+            min=1,
+            help="Adapt with a budget of N training steps (super-resolution): the same result on an idle "
+            "or a busy machine; the time is estimated up front. Rules over --adapt.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     overlap: Annotated[
         float, typer.Option("--overlap", min=0.0, max=0.95, help="Sliding-window overlap.")
@@ -101,6 +114,7 @@ def enhance_command(
         out,
         format=format,
         adapt_seconds=adapt,
+        adapt_steps=adapt_steps,
         device=device,
         overlap=overlap,
         seed=seed,
