@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medgen.errors import ConfigError
+from medgen.stages.augment import AugmentStep
 
 
 class _Step(BaseModel):
@@ -119,6 +120,7 @@ STEP_TYPES: dict[str, type[_Step]] = {
     "cohort": CohortStep,
     "synthesize": SynthesizeStep,
     "evaluate_synthesis": EvaluateSynthesisStep,
+    "augment": AugmentStep,
 }
 
 
@@ -135,6 +137,7 @@ class Stage(_Step):
     cohort: CohortStep | None = None
     synthesize: SynthesizeStep | None = None
     evaluate_synthesis: EvaluateSynthesisStep | None = None
+    augment: AugmentStep | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Stage:
@@ -305,3 +308,9 @@ class _Context:
         return evaluate_synthesis(step.synth, step.real, step.train, out=step.out,
                                   encoder_steps=step.encoder_steps, experiment=self.experiment,
                                   **self.tracking)
+
+    def _augment(self, step: AugmentStep) -> Any:
+        from medgen.stages.augment import run_augment_experiment
+
+        return run_augment_experiment(step, latest_model=self.synthesis_model, experiment=self.experiment,
+                                      progress=self.progress, **self.tracking)
