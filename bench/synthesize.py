@@ -88,23 +88,30 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
+def vae_config(work: Path, name: str, args, device: str, data: dict) -> Path:
+    """The bench's autoencoder config (the demo's architecture, ``args.ae_steps`` steps)."""
+    return write_yaml(work / f"{name}.yaml", {
+        "name": f"bench-{name}", "experiment": "bench-synthesis",
+        "model": {"kind": "autoencoder",
+                  "autoencoder": {"channels": [16, 32, 32], "latent_channels": 3, "norm_num_groups": 8},
+                  "discriminator": {"channels": 16, "num_layers_d": 2}},
+        "training": {"steps": args.ae_steps, "batch_size": 2, "lr": 1e-3, "warmup_steps": 20, "ema_decay": None,
+                     "val_every": 10**6, "checkpoint_every": 10**6, "log_every": 50, "device": device,
+                     "out_dir": str(work / name),
+                     "loss": {"kl": 1e-6, "adversarial": 0.005, "adversarial_start_step": args.ae_steps // 2}},
+        "data": data,
+    })  # fmt: skip
+
+
 def train_models(work: Path, args, device: str) -> dict[str, Path]:
     from medgen.stages.train import train
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     grid = {"shape_vox": [args.size] * 3, "spacing_mm": [96.0 / args.size] * 3}
     common = {"device": device, "log_every": 50, "checkpoint_every": 10**6}
-    ae = write_yaml(work / "vae.yaml", {
-        "name": "bench-vae", "experiment": "bench-synthesis",
-        "model": {"kind": "autoencoder",
-                  "autoencoder": {"channels": [16, 32, 32], "latent_channels": 3, "norm_num_groups": 8},
-                  "discriminator": {"channels": 16, "num_layers_d": 2}},
-        "training": {"steps": args.ae_steps, "batch_size": 2, "lr": 1e-3, "warmup_steps": 20, "ema_decay": None,
-                     "val_every": args.ae_steps, "out_dir": str(work / "vae"), **common,
-                     "loss": {"kl": 1e-6, "adversarial": 0.005, "adversarial_start_step": args.ae_steps // 2}},
-        "data": {"labels_csv": str(work / "train" / "labels.csv"), "val_fraction": 0.1, "grid": grid,
-                 "patch_size_vox": [min(32, args.size)] * 3},
-    })  # fmt: skip
+    ae = vae_config(work, "vae", args, device, {
+        "labels_csv": str(work / "train" / "labels.csv"), "val_fraction": 0.1, "grid": grid,
+        "patch_size_vox": [min(32, args.size)] * 3})  # fmt: skip
     started = time.perf_counter()
     ae_model = train(ae, tracking_uri=uri, progress=False, resume=False).model_path
     print(f"autoencoder: {args.ae_steps} steps in {time.perf_counter() - started:.0f} s")
@@ -218,17 +225,8 @@ def real_anatomy_rows(work: Path, args, device: str) -> list[tuple]:
     split = values.shape[2] // 2
     lower = Volume(values[:, :, :split], t1.affine, t1.meta.copy())
     write_nifti(lower, work / "icbm_inferior.nii.gz")
-    cfg = write_yaml(work / "vae-real.yaml", {
-        "name": "bench-vae-real", "experiment": "bench-synthesis",
-        "model": {"kind": "autoencoder",
-                  "autoencoder": {"channels": [16, 32, 32], "latent_channels": 3, "norm_num_groups": 8},
-                  "discriminator": {"channels": 16, "num_layers_d": 2}},
-        "training": {"steps": args.ae_steps, "batch_size": 2, "lr": 1e-3, "warmup_steps": 20, "ema_decay": None,
-                     "val_every": 10**6, "checkpoint_every": 10**6, "log_every": 50, "device": device,
-                     "out_dir": str(work / "vae-real"),
-                     "loss": {"kl": 1e-6, "adversarial": 0.005, "adversarial_start_step": args.ae_steps // 2}},
-        "data": {"train": [str(work / "icbm_inferior.nii.gz")], "patch_size_vox": [32, 32, 32]},
-    })  # fmt: skip
+    cfg = vae_config(work, "vae-real", args, device,
+                     {"train": [str(work / "icbm_inferior.nii.gz")], "patch_size_vox": [32, 32, 32]})
     started = time.perf_counter()
     model = load_model(train(cfg, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", progress=False, resume=False).model_path,
                        device=device).model  # fmt: skip

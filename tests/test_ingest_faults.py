@@ -307,11 +307,13 @@ def test_deflate_bomb_is_refused_without_inflating_it(tmp_path, monkeypatch):
     _assert_good_converted(summary)
 
 
+# Peak memory is this process's own high-water mark (VmHWM): ru_maxrss would carry over the
+# high-water mark of the pytest process that started it (Linux keeps it across exec).
 _DEFLATE_PEAK_SCRIPT = """
 import resource, sys
 from medgen.stages.ingest import ingest
 s = ingest(sys.argv[1], sys.argv[2], progress=False, max_image_mb=16)
-print(s.exit_code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(s.exit_code, int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))))
 """
 
 
@@ -335,7 +337,7 @@ _PEAK_SCRIPT = """
 import resource, sys
 from medgen.stages.ingest import ingest
 s = ingest(sys.argv[1], sys.argv[2], progress=False)
-print(s.exit_code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(s.exit_code, int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))))
 """
 
 

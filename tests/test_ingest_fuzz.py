@@ -47,7 +47,7 @@ from medgen.cli import main
 try:
     main(sys.argv[2:])
 finally:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))
     peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     open(sys.argv[1], "w").write(str(peak))
 """

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medgen.archive.manifest import MANIFEST_NAME, Transaction, utc_now
+from medgen.archive.manifest import MANIFEST_NAME, Transaction, close_checkpointed, utc_now
 
 __all__ = [
     "LEDGER_NAME",
@@ -253,11 +253,7 @@ class Ledger:
         """Checkpoint the write-ahead log and close."""
         if self._db is None:
             return
-        try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass  # a reader holds the log; checkpointed on its close
-        self._db.close()
+        close_checkpointed(self._db)
         self._db = None
 
     def __enter__(self) -> Ledger:

@@ -176,13 +176,8 @@ class Manifest:
 
     def close(self) -> None:
         """Checkpoint the write-ahead log and close the connection."""
-        if self._db is None:
-            return
-        try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass  # another reader holds the log; it is checkpointed on their close
-        self._db.close()
+        if self._db is not None:
+            close_checkpointed(self._db)
         self._db = None
 
     def __enter__(self) -> Manifest:
@@ -418,6 +413,15 @@ def _check_fate(fate: str) -> str:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"`fate` must be one of {', '.join(FILE_FATES)}, got {fate!r}{hint}")
     return fate
+
+
+def close_checkpointed(db: sqlite3.Connection) -> None:
+    """Fold the write-ahead log into the database file, then close the connection."""
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        pass  # another reader holds the log; it is checkpointed on their close
+    db.close()
 
 
 def utc_now() -> str:

@@ -172,6 +172,15 @@ class AdversarialObjective(SupervisedObjective):
             self._d_opt.load_state_dict(state["d_optimizer"])
 
 
+def ddpm_target(scheduler, prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What a DDPM-trained network should output: the noise, ``v`` or the clean sample."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0
+
+
 class DiffusionObjective(Objective):
     """DDPM training of a conditional denoiser (MONAI ``DDPMScheduler``).
 
@@ -208,11 +217,6 @@ class DiffusionObjective(Objective):
         noise = torch.randn_like(x0)
         x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
         output = model(x_t, t, batch["degraded"], batch.get("noise_level")).float()
-        if self.prediction_type == "epsilon":
-            goal = noise
-        elif self.prediction_type == "v_prediction":
-            goal = self.scheduler.get_velocity(x0, noise, t)
-        else:
-            goal = x0
+        goal = ddpm_target(self.scheduler, self.prediction_type, x0, noise, t)
         loss = F.mse_loss(output, goal)
         return loss, {"loss": float(loss.detach())}

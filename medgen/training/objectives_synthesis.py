@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medgen.training.objectives import AdversarialObjective, Batch, Objective
+from medgen.training.objectives import AdversarialObjective, Batch, Objective, ddpm_target
 
 
 def kl_divergence(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -154,12 +154,7 @@ class LatentDiffusionObjective(Objective):
         else:
             t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device).long()
             x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-            if self.prediction_type == "epsilon":
-                goal = noise
-            elif self.prediction_type == "v_prediction":
-                goal = self.scheduler.get_velocity(x0, noise, t)
-            else:
-                goal = x0
+            goal = ddpm_target(self.scheduler, self.prediction_type, x0, noise, t)
         output = model(x_t, t, labels, batch.get("covariates")).float()
         loss = F.mse_loss(output, goal)
         return loss, {"loss": float(loss.detach())}
