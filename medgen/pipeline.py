@@ -238,9 +238,28 @@ class _Context:
         return getattr(self, f"_{kind}")(step)
 
     def _ingest(self, step: IngestStep) -> Any:
+        """Ingest, then a nested run with one table row per series (pseudonymous keys only)."""
+        from medgen.archive.manifest import Manifest
         from medgen.stages.ingest import ingest
+        from medgen.tracking import Tracker, run_name
 
-        return ingest(step.src, step.out, workers=step.workers, progress=self.progress)
+        summary = ingest(step.src, step.out, workers=step.workers, progress=self.progress)
+        with Manifest.open(summary.dst) as manifest:
+            series = manifest.all_series()
+        rows = [{"series": s.series_key, "status": s.status, "files": s.n_files,
+                 "volumes": " ".join(n for n, _ in s.outputs if n.endswith((".nii.gz", ".nii"))),
+                 "reason": s.reason} for s in series]
+        counts = summary.counts
+        name = run_name("ingest", f"{summary.n_volumes}-volumes", f"{counts['converted']}-new",
+                        f"{counts['quarantined']}-quarantined")
+        tracker = Tracker(self.experiment, uri=self.tracking["tracking_uri"])
+        with tracker.run(name, parent_id=self.tracking["parent_run_id"], tags={"medgen.stage": "ingest"}) as run:
+            run.log_params({"workers": step.workers, "pseudonymous": summary.pseudonymous,
+                            "skipped_by_kind": summary.skipped_by_kind()})
+            run.log_metrics({**{f"series_{k}": n for k, n in counts.items()}, "volumes": summary.n_volumes})
+            run.log_table(rows or {"series": [], "status": [], "files": [], "volumes": [], "reason": []},
+                          "ingest/series.json", csv_file="ingest/series.csv")
+        return summary
 
     def _degrade(self, step: DegradeStep) -> Any:
         from medgen.stages.degrade import degrade
@@ -283,7 +302,8 @@ class _Context:
     def _export(self, step: ExportStep) -> Any:
         from medgen.stages.export import export
 
-        return export(step.volume, dicom=step.dicom, montage=step.montage)
+        return export(step.volume, dicom=step.dicom, montage=step.montage, experiment=self.experiment,
+                      **self.tracking)
 
     def _cohort(self, step: CohortStep) -> Any:
         from medgen.samples_cohort import write_cohort

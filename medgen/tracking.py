@@ -19,11 +19,14 @@ Examples
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,8 +49,11 @@ __all__ = [
     "check_no_phi",
     "default_tracking_uri",
     "flatten_config",
+    "input_key",
     "is_model_uri",
     "resolve_model_uri",
+    "run_name",
+    "table_columns",
 ]
 
 
@@ -118,6 +124,106 @@ def check_no_phi(keys: Any, what: str = "params") -> None:
         parts = str(key).replace("/", ".").split(".")
         if any(is_phi_key(part) for part in parts) or is_phi_key(str(key)):
             raise ValueError(f"`{what}` must not name patient identifiers, got '{key}'")
+
+
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# What ingest names its outputs: "<12 hex key>[_s<SeriesNumber>][_<part>]" (no description).
+_PSEUDONYM_STEM = re.compile(r"^[0-9a-f]{12}(_s\d+)?(_\d+)?$")
+# A DICOM person-name separator, or six digits and more (dates, record numbers).
+_PHI_LOOKING = re.compile(r"\^|\d{6,}")
+
+
+def run_name(stage: str, *pieces: Any) -> str:
+    """An MLflow run name saying what the run did: ``stage:piece:piece``.
+
+    Each piece is reduced to file-name-safe characters (:func:`medgen.io.deid.safe_name`);
+    empty pieces are dropped.
+
+    Examples
+    --------
+    >>> run_name("enhance", "demo-denoise-mr", "adapt-500steps", "mr_t2_noisy")
+    'enhance:demo-denoise-mr:adapt-500steps:mr_t2_noisy'
+    >>> run_name("baseline", "nlm", None, "noisy scan")
+    'baseline:nlm:noisy_scan'
+    """
+    from medgen.io.deid import safe_name
+
+    names = [safe_name(p, max_len=64) for p in pieces if p is not None]
+    return ":".join([stage, *(n for n in names if n)])
+
+
+def input_key(path: str | Path | None, volume: Any = None) -> str:
+    """A short name for a stage's input that identifies nobody, for run names.
+
+    In order: the volume's pseudonymous ``meta.series_key`` (set by ingest); the stem of
+    an image file (``mr_t2_noisy`` for ``/data/mr_t2_noisy.nii.gz``) unless it looks like
+    it holds a person's name or a date/ID (a ``^``, six digits or more), when it becomes
+    ``file-<hash>``; ``dicom-<hash>`` for a DICOM file or folder, whose names often carry
+    patient names and IDs. Never a folder or an absolute path.
+
+    Examples
+    --------
+    >>> input_key("/data/mr_t2_noisy.nii.gz")
+    'mr_t2_noisy'
+    >>> input_key("/data/419dd42e3c5e_s2.nii.gz")
+    '419dd42e3c5e_s2'
+    >>> input_key("/pacs/Doe^Jane_19700101.nii.gz").startswith("file-")
+    True
+    >>> input_key("/pacs/Doe^Jane/series3").startswith("dicom-")
+    True
+    """
+    from medgen.io.deid import pseudonym, safe_name
+
+    meta = getattr(volume, "meta", None)
+    key = getattr(meta, "series_key", None)
+    if key:
+        return safe_name(key, max_len=64, empty="volume")
+    if path is None:
+        return "volume"
+    path = Path(path)
+    name = path.name
+    suffix = next((s for s in _IMAGE_SUFFIXES if name.lower().endswith(s)), None)
+    if suffix is None or path.is_dir():
+        return "dicom-" + pseudonym("input", str(path.expanduser().absolute()))
+    stem = name[: -len(suffix)]
+    if _PHI_LOOKING.search(stem) and not _PSEUDONYM_STEM.match(stem):
+        return "file-" + pseudonym("input", stem)
+    return safe_name(stem, max_len=64, empty="volume")
+
+
+def table_columns(data: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Columns of a table given as columns or as rows (missing cells become ``None``).
+
+    Numpy scalars become Python numbers.
+
+    Examples
+    --------
+    >>> table_columns([{"method": "nlm", "psnr": 30.5}, {"method": "unet", "ssim": 0.9}])
+    {'method': ['nlm', 'unet'], 'psnr': [30.5, None], 'ssim': [None, 0.9]}
+    """
+    if isinstance(data, Mapping):
+        columns = {str(k): [_plain(v) for v in values] for k, values in data.items()}
+    else:
+        names: dict[str, None] = {}
+        for row in data:
+            names.update(dict.fromkeys(str(k) for k in row))
+        columns = {k: [_plain(row.get(k)) for row in data] for k in names}
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"`data` columns must have one length, got lengths {sorted(lengths)}")
+    return columns
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _csv_text(columns: Mapping[str, Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(columns))
+    writer.writerows(zip(*columns.values(), strict=True))
+    return buf.getvalue()
 
 
 def _param_value(value: Any) -> str:
@@ -285,6 +391,40 @@ class Tracker:
     def log_dict(self, run_id: str, data: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_dict(run_id, dict(data), artifact_file)
 
+    def log_table(
+        self,
+        run_id: str,
+        data: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+        artifact_file: str,
+        csv_file: str | None = None,
+    ) -> None:
+        """Log a table (``mlflow.log_table``: the UI shows it as a sortable table).
+
+        Parameters
+        ----------
+        data : mapping of column -> values, or sequence of row mappings
+            See :func:`table_columns`. Column names must not name patient attributes.
+        artifact_file : str
+            A ``.json`` path inside the run's artifacts, e.g. ``"evaluate/table.json"``.
+        csv_file : str, optional
+            Also log the table as CSV at this artifact path (for spreadsheets).
+        """
+        if not str(artifact_file).endswith(".json"):
+            raise ValueError(f"`artifact_file` must end in .json, got {artifact_file!r}")
+        columns = table_columns(data)
+        check_no_phi(columns, "table columns")
+        import warnings
+
+        with warnings.catch_warnings():  # MLflow's own use of pandas 3, nothing of ours
+            warnings.filterwarnings("ignore", message=".*select_dtypes.*")
+            self.client.log_table(run_id, data=columns, artifact_file=artifact_file)
+        if csv_file is not None:
+            self.log_text(run_id, _csv_text(columns), csv_file)
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        """Log a matplotlib figure as an image (``.png``)."""
+        self.client.log_figure(run_id, figure, artifact_file)
+
     def log_image(self, run_id: str, image: np.ndarray, artifact_file: str) -> None:
         """Log a 2D array (grey, any range: scaled to 0-255) or an RGB(A) uint8 image as PNG."""
         image = np.asarray(image)
@@ -372,6 +512,8 @@ class RunHandle:
             "log_text",
             "log_dict",
             "log_image",
+            "log_table",
+            "log_figure",
             "log_montage",
             "log_model_checkpoint",
             "end_run",

@@ -243,7 +243,8 @@ def test_experiment_logs_metrics_and_table_to_mlflow(experiment):
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "augment")}
     assert artifacts == {"augment/results.csv", "augment/summary.json"}
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["train:medgen", "train:medgen"]
+    names = sorted(c.info.run_name for c in children)
+    assert [n.split(":")[:3] for n in names] == [["train", "medgen", "autoencoder"], ["train", "medgen", "latent_diffusion"]]
     assert "out" not in run.data.params and run.data.params["ratios"] == "[1.0]"
 
 

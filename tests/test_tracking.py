@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,67 @@ def test_montage_and_image_artifacts(store, tmp_path):
         a.path for folder in ("montages", "images") for a in tracker.client.list_artifacts(run.run_id, folder)
     }
     assert paths == {"montages/example.png", "images/ramp.png"}
+
+
+def test_log_table_from_rows_or_columns_with_a_csv_beside_it(store, tmp_path):
+    import numpy as np
+
+    tracker = Tracker("unit", uri=store)
+    rows = [{"method": "unet", "psnr": np.float32(31.5)}, {"method": "nlm", "psnr": 29.0, "ssim": 0.8}]
+    with tracker.run("tables") as run:
+        run.log_table(rows, "eval/table.json", csv_file="eval/table.csv")
+        run.log_table({"study": ["a1", "b2"], "seconds": [1.5, 2.0]}, "studies.json")
+    got = json.loads(Path(tracker.client.download_artifacts(run.run_id, "eval/table.json", str(tmp_path))).read_text())
+    assert got["columns"] == ["method", "psnr", "ssim"]
+    assert got["data"] == [["unet", 31.5, None], ["nlm", 29.0, 0.8]]
+    csv_text = Path(tracker.client.download_artifacts(run.run_id, "eval/table.csv", str(tmp_path))).read_text()
+    assert csv_text.splitlines() == ["method,psnr,ssim", "unet,31.5,", "nlm,29.0,0.8"]
+    logged = json.loads(tracker.get_run(run.run_id).data.tags["mlflow.loggedArtifacts"])
+    assert {"path": "eval/table.json", "type": "table"} in logged
+    assert {"path": "studies.json", "type": "table"} in logged
+
+
+def test_log_table_refuses_phi_columns_uneven_columns_and_other_formats(store):
+    tracker = Tracker("unit", uri=store)
+    with tracker.run("bad tables") as run:
+        with pytest.raises(ValueError, match=r"`table columns` must not name patient identifiers, got 'PatientName'"):
+            run.log_table([{"study": "a", "PatientName": "x"}], "t.json")
+        with pytest.raises(ValueError, match=r"`data` columns must have one length, got lengths \[1, 2\]"):
+            run.log_table({"a": [1], "b": [1, 2]}, "t.json")
+        with pytest.raises(ValueError, match=r"`artifact_file` must end in .json, got 't.csv'"):
+            run.log_table({"a": [1]}, "t.csv")
+
+
+def test_run_names_and_input_keys_carry_no_patient_data_or_paths(tmp_path):
+    from medgen.tracking import input_key, run_name
+    from medgen.volume import Volume, VolumeMeta
+
+    assert run_name("enhance", "demo-denoise-mr", "adapt-500steps", "mr_t2_noisy") == (
+        "enhance:demo-denoise-mr:adapt-500steps:mr_t2_noisy"
+    )
+    assert input_key(tmp_path / "mr_t2_noisy.nii.gz") == "mr_t2_noisy"
+    assert input_key(tmp_path / "a1b2c3d4e5f6_s3.nii.gz") == "a1b2c3d4e5f6_s3"  # an ingest output
+    for phi in ("Doe^Jane.nii.gz", "scan_19700101.nii", "PID1234567.nrrd"):
+        key = input_key(tmp_path / phi)
+        assert key.startswith("file-") and key == input_key(Path("/elsewhere") / phi), key
+    dicom = tmp_path / "DOE_JANE_19700101"
+    dicom.mkdir()
+    key = input_key(dicom)
+    assert key.startswith("dicom-") and "DOE" not in key and str(tmp_path) not in key
+    volume = Volume(np.zeros((2, 2, 2), np.float32), np.eye(4), VolumeMeta(series_key="419dd42e3c5e"))
+    assert input_key(dicom, volume) == "419dd42e3c5e"
+
+
+def test_log_figure_logs_a_png(store, tmp_path):
+    from matplotlib.figure import Figure
+
+    tracker = Tracker("unit", uri=store)
+    fig = Figure(figsize=(3, 2))
+    fig.subplots().bar([0, 1], [1.0, 2.0])
+    with tracker.run("figure") as run:
+        run.log_figure(fig, "charts/bars.png")
+    png = Path(tracker.client.download_artifacts(run.run_id, "charts/bars.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_only_tracking_imports_mlflow():

@@ -443,7 +443,30 @@ def _end_tracking(tracker_run, summary: BatchSummary, status: str) -> None:
     for name in ("studies.csv", "report.html"):
         if (summary.out / name).is_file():
             tracker.log_artifact(run_id, summary.out / name)
+    if (summary.out / "studies.csv").is_file():
+        tracker.log_table(run_id, _study_table(summary.out / "studies.csv"), "studies.json")
     tracker.end_run(run_id, "FINISHED" if status == "finished" else "KILLED")
+
+
+def _study_table(path: Path) -> dict[str, list]:
+    """``studies.csv`` as columns for MLflow's table view: timings and metrics as numbers,
+    blanks as None; keys, status and reasons stay text (a key may look like a number)."""
+    import csv
+
+    def cell(column: str, text: str):
+        if text == "":
+            return None
+        if column in ("study", "kind", "status", "reason"):
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        return {k: [cell(k, r[k]) for r in rows] for k in reader.fieldnames or ()}
 
 
 __all__ = ["EXECUTORS", "STUDIES_DIR", "BatchSummary", "run_batch"]

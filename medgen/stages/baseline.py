@@ -1,7 +1,9 @@
 """Classical denoising baselines as a stage: non-local means or Gaussian smoothing.
 
 They run on the same input as a model so a pipeline can score both against the clean
-reference. The noise level is estimated from the scan itself (no reference needed).
+reference. The noise level is estimated from the scan itself (no reference needed). The
+MLflow run (``baseline:nlm:<input key>``) holds a montage of input, output and what was
+removed.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def baseline(
     from medgen.baselines.denoise import estimate_noise_sigma, gaussian_denoise, nlm_denoise
     from medgen.io.writers import save
     from medgen.stages.common import load_volume
-    from medgen.tracking import Tracker
+    from medgen.tracking import Tracker, input_key, run_name
     from medgen.validate import look_up_option
 
     method = look_up_option("method", method, ("nlm", "gaussian"))
@@ -56,7 +58,11 @@ def baseline(
     result.meta.provenance.append(f"baseline:{method} noise_sigma={sigma:.4g}")
     output = save(result, out)
     tracker = Tracker(experiment, uri=tracking_uri)
-    with tracker.run(f"baseline-{method}", parent_id=parent_run_id, tags={"medgen.kind": "baseline"}) as run:
+    name = run_name("baseline", method, input_key(scan, volume))
+    tags = {"medgen.kind": "baseline", "medgen.stage": "baseline"}
+    with tracker.run(name, parent_id=parent_run_id, tags=tags) as run:
         run.log_params({"method": method, "noise": noise, "noise_sigma": sigma})
         run.log_metrics({"seconds": seconds})
+        removed = result.with_array(values - np.asarray(cleaned, dtype=np.float32))
+        run.log_montage({"input": volume, "output": result, "difference": removed}, "montage.png")
         return BaselineSummary(Path(output), method, float(sigma), seconds, run.run_id)

@@ -5,7 +5,9 @@ Builds the degraded partner of a clean scan with the physical degradation models
 one, placed at their true position) and then noise. ``sigma`` is relative: a fraction of the
 scan's robust intensity span (99.5th minus 0.5th percentile), so ``0.05`` is 5 % on MR and CT
 alike; ``noise="lowdose_ct"`` takes ``dose_fraction`` instead. The same seed gives the same
-output, bit for bit. Logged to MLflow with every parameter.
+output, bit for bit. Logged to MLflow with every parameter and a montage of the clean
+scan, the degraded one and their difference (degraded minus clean); the run is named after what was done, e.g.
+``degrade:rician-sigma0.05-seed1:mr_t2_phantom``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from medgen.validate import (
     ParameterError,
@@ -71,7 +75,7 @@ def degrade(
     from medgen.data.degrade import DegradationChain, build_degradation
     from medgen.io import save
     from medgen.stages.common import load_volume, volume_facts
-    from medgen.tracking import Tracker
+    from medgen.tracking import Tracker, input_key, run_name
 
     noise = look_up_option("noise", noise, literal_options(NoiseName))
     thick_factor = check_int("thick_factor", thick_factor, minimum=1)
@@ -92,12 +96,24 @@ def degrade(
     chain = DegradationChain(steps)
     degraded = chain(volume)
     out = save(degraded, Path(out), sidecar=True)
+    what = [f"thick{thick_factor}x"] if thick_factor > 1 else []
+    if noise in ("gaussian", "rician"):
+        what.append(f"{noise}-sigma{sigma:g}-seed{seed}")
+    elif noise == "lowdose_ct":
+        what.append(f"lowdose_ct-dose{dose_fraction:g}-seed{seed}")
+    name = run_name("degrade", "+".join(what), input_key(clean, volume))
     tracker = Tracker(experiment, uri=tracking_uri)
-    with tracker.run("degrade", parent_id=parent_run_id, tags={"medgen.stage": "degrade"}) as run:
+    with tracker.run(name, parent_id=parent_run_id, tags={"medgen.stage": "degrade"}) as run:
         params = {**volume_facts(volume, "input"), **volume_facts(degraded, "output"), "seed": seed}
         for i, (name, used) in enumerate(chain.last_params):
             params[f"step{i}.name"] = name
             params.update({f"step{i}.{k}": v for k, v in used.items()})
         run.log_params(params)
+        images = {"clean": volume, "degraded": degraded}
+        if degraded.shape == volume.shape:
+            images["difference"] = degraded.with_array(
+                degraded.values(np.float32) - volume.values(np.float32)
+            )
+        run.log_montage(images, "montage.png")
         run_id = run.run_id
     return DegradeSummary(output=out, steps=list(chain.last_params), run_id=run_id)

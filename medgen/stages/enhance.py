@@ -168,7 +168,7 @@ def enhance(
     from medgen.inference.loading import load_model
     from medgen.io import save
     from medgen.stages.common import load_volume, require_3d, volume_facts
-    from medgen.tracking import Tracker
+    from medgen.tracking import Tracker, input_key, run_name
     from medgen.training.distributed import pick_device
 
     started = time.perf_counter()
@@ -185,9 +185,15 @@ def enhance(
     dev = pick_device(device)
     loaded = load_model(model, device=dev, tracking_uri=tracking_uri)
 
+    if adapt_steps is not None:
+        adapted = f"adapt-{adapt_steps}steps"
+    elif adapt_seconds > 0:
+        adapted = f"adapt-{adapt_seconds:g}s"
+    else:
+        adapted = "no-adapt"
     tracker = Tracker(experiment, uri=tracking_uri)
     with tracker.run(
-        f"enhance:{loaded.config.name}",
+        run_name("enhance", loaded.config.name, adapted, input_key(scan, volume)),
         parent_id=parent_run_id,
         tags={"medgen.stage": "enhance", "medgen.model_kind": loaded.kind},
     ) as run:

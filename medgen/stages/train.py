@@ -295,14 +295,16 @@ def train(
         data_hash = files_sha256(paths) if dist.is_main else ""
         tracker = run = None
         if dist.is_main:
-            from medgen.tracking import RunHandle, Tracker, flatten_config
+            from medgen.tracking import RunHandle, Tracker, flatten_config, run_name
 
             tracker = Tracker(cfg.experiment, uri=tracking_uri)
             if previous_run_id is not None and tracker.reopen_run(previous_run_id):
                 run_id = previous_run_id
             else:
+                n_scans = f"{len(paths)}-scan" + ("s" if len(paths) != 1 else "")
+                what = cfg.model.kind if cfg.model.task == "synthesis" else f"{cfg.model.kind}-{cfg.model.task}"
                 run_id = tracker.start_run(
-                    f"train:{cfg.name}",
+                    run_name("train", cfg.name, what, f"{cfg.training.steps}steps", n_scans),
                     parent_id=parent_run_id,
                     tags={
                         "medgen.stage": "train",
