@@ -22,8 +22,9 @@ One run, on this machine:
    anatomy: the inferior half of the ICBM T1 volume; its reconstruction of the superior
    half (anatomy it never saw) and of the head CT (a volume it never saw).
 
-Peak memory is the peak resident set size of this process while the row ran (CPU) or
-``torch.cuda.max_memory_allocated`` (GPU). ``--quick`` shrinks everything for a smoke test.
+Peak memory is what a row adds at its peak, measured in a fresh process per row: the
+resident-set high-water mark minus the resident set when generation (or decoding) began, after
+the model was loaded (CPU), or ``torch.cuda.max_memory_allocated`` (GPU). ``--quick`` shrinks everything for a smoke test.
 Run ``python bench/synthesize.py --help``; results go in ``bench/README.md``.
 """
 
@@ -44,21 +45,24 @@ DATA = REPO.parent / "shared" / "data" / "nifti"
 MR_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 class PeakMemory:
-    """Peak RSS (MB) of this process while the block runs, sampled every 5 ms; on CUDA the
-    peak of torch's allocations instead."""
+    """Memory a block adds at its peak, in MB: on CUDA torch's peak allocation; on the CPU the
+    process's resident-set high-water mark minus the resident set when the block began. Run
+    each measured block in a fresh process (:func:`in_fresh_process`): freed memory that the
+    allocator keeps would hide what a later block needs."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
-
-    @staticmethod
-    def rss_mb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak_mb = max(self.peak_mb, self.rss_mb())
+        self.device, self.peak_mb = device, 0.0
 
     def __enter__(self) -> PeakMemory:
         import torch
@@ -66,9 +70,9 @@ class PeakMemory:
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.peak_mb = self.rss_mb()
-            self._thread = threading.Thread(target=self._watch, daemon=True)
-            self._thread.start()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            self._start = _rss_mb()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -77,8 +81,15 @@ class PeakMemory:
         if self.device == "cuda":
             self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
         else:
-            self._stop.set()
-            self._thread.join()
+            self.peak_mb = _hwm_mb() - self._start
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new (spawned) Python process, so its memory peak is its own."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def write_yaml(path: Path, data: dict) -> Path:
@@ -133,10 +144,11 @@ def train_models(work: Path, args, device: str) -> dict[str, Path]:
     return models
 
 
-def load_grid_set(folder: Path, shape) -> np.ndarray:
-    from medgen.stages.evaluate_synthesis import load_folder, normalise_percentiles, volumes_on_grid
+def load_grid_set(folder: Path, shape, spacing) -> np.ndarray:
+    """A cohort folder on the synthesis grid, each volume normalised to [0, 1]."""
+    from medgen.stages.evaluate_synthesis import load_folder, volumes_on_grid
 
-    return normalise_percentiles(volumes_on_grid(load_folder(folder), shape))
+    return volumes_on_grid(load_folder(folder, str(folder)), shape, spacing)
 
 
 def reconstruction_rows(ae_path: Path, work: Path, args, device: str) -> list[tuple]:
@@ -169,7 +181,12 @@ def reconstruction_rows(ae_path: Path, work: Path, args, device: str) -> list[tu
     return rows
 
 
-def generate(model_path: Path, sampler: str, steps: int, n: int, device: str):
+def generate(model_path: Path, sampler: str, steps: int, n: int, device: str, threads: int = 0):
+    """(images, seconds per volume, peak MB added while generating); run in a fresh process."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from medgen.inference.loading import load_synthesis_model
     from medgen.inference.synthesis import SynthesisRequest
 
@@ -182,28 +199,31 @@ def generate(model_path: Path, sampler: str, steps: int, n: int, device: str):
     return np.stack(images), (time.perf_counter() - started) / n, peak.peak_mb
 
 
-def split_decode_rows(ae_path: Path, device: str, latent_side: int, slab: int) -> list[tuple]:
+def decode_once(ae_path: Path, device: str, latent_side: int, slab: int | None, threads: int = 0):
+    """(output, seconds, peak MB added) of decoding a seeded latent; run in a fresh process."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from medgen.inference.loading import load_model
     from medgen.inference.synthesis import decode_latents
-    from medgen.models.latent_diffusion import LatentDiffusionModel, LatentDenoiser
+    from medgen.models.latent_diffusion import LatentDenoiser, LatentDiffusionModel
 
     ae = load_model(ae_path, device=device).model
     model = LatentDiffusionModel(ae, LatentDenoiser(latent_channels=3, channels=(16,), attention_levels=(False,),
-                                                    norm_num_groups=8)).to(device)  # fmt: skip
+                                                    norm_num_groups=8, num_head_channels=16)).to(device)  # fmt: skip
     z = torch.randn(1, 3, latent_side, latent_side, latent_side, generator=torch.Generator().manual_seed(0)).to(device)
-    rows, outputs = [], {}
-    for name, slab_vox in (("whole", None), (f"slabs of {slab} latent voxels", slab)):
-        started = time.perf_counter()
-        with PeakMemory(device) as peak:
-            outputs[name] = decode_latents(model, z, slab_latent_vox=slab_vox).float().cpu()
-        rows.append([name, time.perf_counter() - started, peak.peak_mb])
-    names = list(outputs)
-    diff = float((outputs[names[0]] - outputs[names[1]]).abs().max())
-    rows[1].append(diff)
-    rows[0].append(0.0)
-    return [tuple(r) for r in rows]
+    started = time.perf_counter()
+    with PeakMemory(device) as peak:
+        out = decode_latents(model, z, slab_latent_vox=slab).float().cpu().numpy()
+    return out, time.perf_counter() - started, peak.peak_mb
+
+
+def split_decode_rows(ae_path: Path, device: str, latent_side: int, slab: int, threads: int = 0) -> list[tuple]:
+    whole, seconds, peak = in_fresh_process(decode_once, ae_path, device, latent_side, None, threads)
+    split, split_seconds, split_peak = in_fresh_process(decode_once, ae_path, device, latent_side, slab, threads)
+    return [("whole", seconds, peak, 0.0),
+            (f"slabs of {slab} latent voxels", split_seconds, split_peak, float(np.abs(split - whole).max()))]
 
 
 def real_anatomy_rows(work: Path, args, device: str) -> list[tuple]:
@@ -270,8 +290,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from medgen.samples_cohort import write_cohort
-    from medgen.stages.evaluate_synthesis import train_feature_encoder
-    from medgen.stages.evaluate_synthesis import synthesis_report
+    from medgen.stages.evaluate_synthesis import normalise_percentiles, synthesis_report, train_feature_encoder
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -285,17 +304,17 @@ def main() -> None:
     for row in reconstruction_rows(models["autoencoder"], work, args, args.device):
         print("| {} | {} | {:.2f} | {:.2f} | {:.4f} | {:.4f} |".format(*row))
 
-    train_set = load_grid_set(work / "train", shape)
-    real = load_grid_set(work / "heldout", shape)
+    spacing = (96.0 / args.size,) * 3
+    train_set = load_grid_set(work / "train", shape, spacing)
+    real = load_grid_set(work / "heldout", shape, spacing)
     encoder = train_feature_encoder(train_set, steps=args.encoder_steps, seed=0)
     arms = [("DDPM", "ddpm", "ddpm", args.ddpm_steps), ("DDIM", "ddpm", "ddim", args.steps),
             ("rectified flow", "rflow", "rflow", args.steps)]  # fmt: skip
     rows = []
     for name, model_key, sampler, steps in arms:
-        images, seconds, peak = generate(models[model_key], sampler, steps, args.n_samples, args.device)
-        from medgen.stages.evaluate_synthesis import normalise_percentiles
-
-        report = synthesis_report(normalise_percentiles(images), real, train_set, encoder)
+        images, seconds, peak = in_fresh_process(generate, models[model_key], sampler, steps, args.n_samples,
+                                                 args.device, args.threads)
+        report = synthesis_report(np.stack([normalise_percentiles(v) for v in images]), real, train_set, encoder)
         rows.append((f"{name} ({steps} steps)", seconds, peak, report))
     rng = np.random.default_rng(0)
     copies = train_set[rng.choice(len(train_set), size=args.n_samples, replace=len(train_set) < args.n_samples)]
@@ -304,7 +323,7 @@ def main() -> None:
     rows.append(("held-back real (half)", float("nan"), float("nan"), synthesis_report(real[:half], real[half:], train_set, encoder)))
 
     print("\n## Samplers side by side (same autoencoder; medgen3d = medgen's contrastive 3D encoder)\n")
-    print("| generator | s / volume | peak MB | FID medgen3d | MMD rbf | two-sample AUC | MS-SSIM diversity (real) | copies flagged (chance) |")
+    print("| generator | s / volume | peak MB added | FID medgen3d | MMD rbf | two-sample AUC | MS-SSIM diversity (real) | copies flagged (chance) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, seconds, peak, report in rows:
         m = report["metrics"]
@@ -315,8 +334,8 @@ def main() -> None:
 
     side = max(8, args.size // 2)
     print(f"\n## Decoding a {side * 4}^3 volume from its {side}^3 latent\n")
-    print("| decoding | seconds | peak MB | max abs difference to whole |\n|---|---|---|---|")
-    for row in split_decode_rows(models["autoencoder"], args.device, side, max(2, side // 8)):
+    print("| decoding | seconds | peak MB added | max abs difference to whole |\n|---|---|---|---|")
+    for row in split_decode_rows(models["autoencoder"], args.device, side, max(2, side // 8), args.threads):
         print("| {} | {:.2f} | {:.0f} | {:.4f} |".format(*row))
 
     if (DATA / MR_FILE).is_file() and not args.skip_real:

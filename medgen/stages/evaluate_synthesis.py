@@ -45,7 +45,6 @@ __all__ = [
     "load_feature_encoder",
     "load_folder",
     "normalise_percentiles",
-    "onto_grid",
     "register",
     "save_feature_encoder",
     "synthesis_report",
@@ -198,46 +197,6 @@ def load_feature_encoder(path: str | Path) -> FeatureEncoder:
 # -- volumes onto one grid -----------------------------------------------------------------
 
 
-def _canonical(volume: Volume, path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    from medgen.io.montage import canonical_values
-
-    if volume.array.ndim != 3:
-        raise InputError(path, f"expected a 3D volume, got shape {volume.shape}")
-    return canonical_values(volume)
-
-
-def onto_grid(
-    values: np.ndarray,
-    spacing_mm: tuple[float, ...],
-    shape: tuple[int, ...],
-    target_spacing_mm: tuple[float, ...],
-) -> np.ndarray:
-    """Resample a canonical array onto a grid of ``shape`` x ``target_spacing_mm``, centres
-    aligned, by trilinear interpolation (edge values continue outside).
-
-    Examples
-    --------
-    >>> a = np.arange(8.0).reshape(2, 2, 2)
-    >>> bool(np.allclose(onto_grid(a, (1, 1, 1), (2, 2, 2), (1, 1, 1)), a))
-    True
-    >>> onto_grid(np.ones((4, 4, 4)), (1, 1, 1), (2, 2, 2), (2, 2, 2)).shape
-    (2, 2, 2)
-    """
-    from medgen.inference.grid import resample_onto
-
-    def centred(n: tuple[int, ...], s: tuple[float, ...]) -> np.ndarray:
-        affine = np.diag([*map(float, s), 1.0])
-        affine[:3, 3] = [-(k - 1) / 2.0 * float(z) for k, z in zip(n, s)]
-        return affine
-
-    same = tuple(values.shape) == tuple(shape) and np.allclose(spacing_mm, target_spacing_mm)
-    if same:
-        return np.asarray(values, dtype=np.float32)
-    return resample_onto(
-        values, centred(values.shape, spacing_mm), shape, centred(tuple(shape), target_spacing_mm), order=1
-    )
-
-
 def normalise_percentiles(values: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
     """Map the ``percentiles`` of ``values`` onto [0, 1] and clip; a constant volume -> zeros.
 
@@ -279,12 +238,16 @@ def load_folder(folder: str | Path, option: str) -> list[tuple[Path, Volume]]:
 def volumes_on_grid(
     loaded: list[tuple[Path, Volume]], shape: tuple[int, ...], spacing: tuple[float, ...]
 ) -> np.ndarray:
-    """Loaded volumes reoriented to canonical axes, resampled onto ``shape`` x ``spacing`` (mm)
-    and normalised by their percentiles: ``(N, *shape)`` float32 in [0, 1]."""
+    """Loaded volumes on the synthesis grid of ``shape`` x ``spacing`` (mm) centred on each
+    (:func:`medgen.data.synthesis_data.onto_grid`: RAS, anti-aliased, linear), normalised by
+    their percentiles: ``(N, *shape)`` float32 in [0, 1]."""
+    from medgen.data.synthesis_data import onto_grid
+
     out = np.empty((len(loaded), *shape), np.float32)
     for i, (path, volume) in enumerate(loaded):
-        values, own_spacing = _canonical(volume, path)
-        out[i] = normalise_percentiles(onto_grid(values, own_spacing, shape, spacing))
+        if volume.array.ndim != 3:
+            raise InputError(path, f"expected a 3D volume, got shape {volume.shape}")
+        out[i] = normalise_percentiles(onto_grid(volume, shape, spacing)[0])
     return out
 
 
@@ -434,8 +397,8 @@ def evaluate_synthesis(
     loaded_synth = load_folder(synth_dir, "SYNTH_DIR")
     loaded_real = load_folder(real_dir, "--real")
     loaded_train = load_folder(train_dir, "--train") if train_dir is not None else None
-    first_values, spacing = _canonical(loaded_synth[0][1], loaded_synth[0][0])
-    shape = tuple(first_values.shape)
+    first = loaded_synth[0][1]
+    shape, spacing = tuple(first.shape[:3]), first.spacing_mm
     synth = volumes_on_grid(loaded_synth, shape, spacing)
     real = volumes_on_grid(loaded_real, shape, spacing)
     train = volumes_on_grid(loaded_train, shape, spacing) if loaded_train is not None else None
