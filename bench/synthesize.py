@@ -279,6 +279,7 @@ def main() -> None:
     parser.add_argument("--ddpm-steps", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--decode-latent", type=int, default=40, help="latent side for the decoding rows (x4 voxels)")
     parser.add_argument("--skip-real", action="store_true", help="skip the real-anatomy autoencoder")
     parser.add_argument("--quick", action="store_true", help="tiny everything: a smoke test, not a result")
     args = parser.parse_args()
@@ -332,10 +333,10 @@ def main() -> None:
               f"({m['synthesis/diversity_msssim_real']:.3f}) | {m['synthesis/memorisation_fraction_flagged']:.2f} "
               f"({m['synthesis/memorisation_chance_fraction']:.2f}) |")
 
-    side = max(8, args.size // 2)
+    side = 8 if args.quick else args.decode_latent
     print(f"\n## Decoding a {side * 4}^3 volume from its {side}^3 latent\n")
     print("| decoding | seconds | peak MB added | max abs difference to whole |\n|---|---|---|---|")
-    for row in split_decode_rows(models["autoencoder"], args.device, side, max(2, side // 8), args.threads):
+    for row in split_decode_rows(models["autoencoder"], args.device, side, max(2, side // 5), args.threads):
         print("| {} | {:.2f} | {:.0f} | {:.4f} |".format(*row))
 
     if (DATA / MR_FILE).is_file() and not args.skip_real:

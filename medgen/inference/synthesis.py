@@ -211,8 +211,8 @@ def _sample_seed(seed: int, index: int, stream: int = 0) -> int:
 @torch.no_grad()
 def decode_latents(model: nn.Module, latents: torch.Tensor, *, slab_latent_vox: int | None = None) -> torch.Tensor:
     """Images ``(n, 1, D, H, W)`` from scaled latents; with ``slab_latent_vox``, decoded
-    exactly in slabs of that many latent voxels so memory stays bounded for large volumes
-    (:func:`medgen.inference.split_decode.split_decode`)."""
+    exactly in slabs of that many latent voxels (plus a halo) so memory stays bounded for
+    large volumes (:func:`medgen.inference.split_decode.split_decode`)."""
     if slab_latent_vox is None or slab_latent_vox >= latents.shape[2]:
         return model.decode(latents)
     from medgen.inference.split_decode import split_decode
