@@ -64,11 +64,12 @@ class LocalExecutor:
 
     def _spawn(self) -> str:
         wid = f"local-{self._serial}"
+        slot = self._serial % self.n_workers  # worker k uses GPU k (modulo the GPUs there are)
         self._serial += 1
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=worker_main,
-            args=(wid, child, self.pipeline.model_dump_json(), os.getpid(), self.heartbeat_s),
+            args=(wid, child, self.pipeline.model_dump_json(), os.getpid(), self.heartbeat_s, slot),
             name=f"medgen-batch-{wid}",
             daemon=True,
         )
@@ -151,7 +152,7 @@ class LocalExecutor:
         self._held.clear()
 
 
-def worker_main(wid: str, conn, pipeline_json: str, parent_pid: int, heartbeat_s: float) -> None:
+def worker_main(wid: str, conn, pipeline_json: str, parent_pid: int, heartbeat_s: float, slot: int = 0) -> None:
     """A worker process: build the :class:`StudyWorker` once, then run studies until told to stop."""
     from medgen.batch.spec import BatchPipeline
     from medgen.batch.work import StudyWorker
@@ -159,7 +160,7 @@ def worker_main(wid: str, conn, pipeline_json: str, parent_pid: int, heartbeat_s
 
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-    worker = StudyWorker(BatchPipeline.model_validate_json(pipeline_json), wid)
+    worker = StudyWorker(BatchPipeline.model_validate_json(pipeline_json), wid, device_index=slot)
     lock = threading.Lock()
     current: list[str] = []
     stop = threading.Event()

@@ -93,11 +93,15 @@ class StudyWorker:
     pipeline : BatchPipeline
     worker_id : str
         Named in the ledger while this worker runs a study.
+    device_index : int
+        Which GPU this worker's model lives on (modulo the GPUs there are): one model
+        instance per GPU when there are as many workers as GPUs.
     """
 
-    def __init__(self, pipeline: BatchPipeline, worker_id: str = "w0") -> None:
+    def __init__(self, pipeline: BatchPipeline, worker_id: str = "w0", device_index: int = 0) -> None:
         self.pipeline = pipeline
         self.worker_id = worker_id
+        self.device_index = int(device_index)
         self._loaded = None
         self._device = None
         self.models_loaded = 0  # how many times a model was read (1 per worker is the goal)
@@ -231,7 +235,7 @@ class StudyWorker:
             from medgen.training.distributed import pick_device
 
             settings = self.pipeline.settings("enhance")
-            self._device = pick_device(settings.device)
+            self._device = pick_device(settings.device, local_rank=self.device_index)
             self._loaded = load_model(settings.model, device=self._device)
             self.models_loaded += 1
         return self._loaded, self._device
