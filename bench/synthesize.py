@@ -121,8 +121,7 @@ def train_models(work: Path, args, device: str) -> dict[str, Path]:
     grid = {"shape_vox": [args.size] * 3, "spacing_mm": [96.0 / args.size] * 3}
     common = {"device": device, "log_every": 50, "checkpoint_every": 10**6}
     ae = vae_config(work, "vae", args, device, {
-        "labels_csv": str(work / "train" / "labels.csv"), "val_fraction": 0.1, "grid": grid,
-        "patch_size_vox": [min(32, args.size)] * 3})  # fmt: skip
+        "labels_csv": str(work / "train" / "labels.csv"), "val_fraction": 0.1, "grid": grid})  # fmt: skip
     started = time.perf_counter()
     ae_model = train(ae, tracking_uri=uri, progress=False, resume=False).model_path
     print(f"autoencoder: {args.ae_steps} steps in {time.perf_counter() - started:.0f} s")
@@ -259,7 +258,7 @@ def real_anatomy_rows(work: Path, args, device: str) -> list[tuple]:
     for name, array in cases.items():
         crop = array[tuple(slice(0, (n // 4) * 4) for n in array.shape)]
         x = IntensityNorm.fit(crop).forward(crop)
-        out = reconstruct(model, x, torch.device(device))
+        out = reconstruct(model, x, torch.device(device), patch_vox=(32, 32, 32))  # as trained
         r = quality_report(out, x, 1.0, mask=foreground_mask(x))
         rows.append((name, "x".join(map(str, crop.shape)), r["psnr"], r["psnr_fg"], r["ssim"], r["ssim_fg"]))
     return rows

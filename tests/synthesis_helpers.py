@@ -41,8 +41,7 @@ def autoencoder_yaml(out_dir: str, steps: int = AE_STEPS, start: int = ADVERSARI
                     log_every: 1, val_every: 1000, out_dir: {out_dir}, ema_decay: null, amp: false, device: cpu,
                     loss: {{adversarial: 0.01, kl: 1.0e-6, adversarial_start_step: {start}}}{extra}}}
         data: {{labels_csv: cohort/labels.csv, val_fraction: 0.2,
-                grid: {{shape_vox: [32, 32, 32], spacing_mm: {[GRID_SPACING_MM] * 3}}},
-                patch_size_vox: [16, 16, 16]}}
+                grid: {{shape_vox: [32, 32, 32], spacing_mm: {[GRID_SPACING_MM] * 3}}}}}
         """)
 
 

@@ -32,7 +32,6 @@ TINY_AE = {
               "autoencoder": {"channels": [8, 16, 16], "latent_channels": 2, "norm_num_groups": 8},
               "discriminator": {"channels": 8, "num_layers_d": 2}},
     "training": {"steps": 4, "batch_size": 2, "ema_decay": None, "device": "cpu"},
-    "data": {"patch_size_vox": [16, 16, 16]},
 }  # fmt: skip
 TINY_LDM = {
     "model": {"kind": "latent_diffusion",

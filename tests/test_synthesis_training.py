@@ -353,3 +353,18 @@ def test_onto_grid_reorients_to_ras_keeps_the_centre_and_samples_by_position():
     out_ijk = np.stack(np.meshgrid(*[np.arange(16)] * 3, indexing="ij"), axis=-1)
     out_world = out_ijk @ out_affine[:3, :3].T + out_affine[:3, 3]
     np.testing.assert_allclose(values, out_world[..., 0] + 2.0 * out_world[..., 2], atol=1e-3)
+
+
+def test_an_autoencoder_on_a_grid_trains_on_whole_grid_volumes():
+    """Patches would give GroupNorm statistics the latent diffusion model never sees."""
+    from medgen.config import PipelineConfig
+    from medgen.errors import ConfigError
+    from medgen.stages.train_synthesis import autoencoder_training
+    from medgen.training.distributed import DistInfo
+
+    cfg = PipelineConfig.model_validate({
+        "model": {"kind": "autoencoder"},
+        "data": {"grid": {"shape_vox": [32, 32, 32], "spacing_mm": [2, 2, 2]}, "patch_size_vox": [16, 16, 16]},
+    })  # fmt: skip
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: data\.patch_size_vox: with data\.grid the autoencoder trains on whole grid volumes \(\[32, 32, 32\]\)"):
+        autoencoder_training(cfg, DistInfo(), "cfg.yaml")
