@@ -307,54 +307,47 @@ def test_deflate_bomb_is_refused_without_inflating_it(tmp_path, monkeypatch):
     _assert_good_converted(summary)
 
 
-# Peak memory is this process's own high-water mark (VmHWM): ru_maxrss would carry over the
+# Peak memory is the child's own high-water mark (VmHWM): ru_maxrss would carry over the
 # high-water mark of the pytest process that started it (Linux keeps it across exec).
-_DEFLATE_PEAK_SCRIPT = """
-import resource, sys
+_PEAK_SCRIPT = """
+import sys
 from medgen.stages.ingest import ingest
-s = ingest(sys.argv[1], sys.argv[2], progress=False, max_image_mb=16)
+s = ingest(sys.argv[1], sys.argv[2], progress=False, max_image_mb=float(sys.argv[3]))
 print(s.exit_code, int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))))
 """
+
+
+def _ingest_peak_kb(src: Path, dst: Path, max_image_mb: float) -> tuple[int, int]:
+    """(exit code, peak resident memory in kB) of ``ingest`` in a fresh process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(src), str(dst), str(max_image_mb)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    code, peak_kb = (int(v) for v in proc.stdout.split())
+    return code, peak_kb
 
 
 def test_deflate_bomb_keeps_peak_memory_bounded(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "out"
     deflate_bomb(write_series(src / "bomb", shape=(4, 4, 1), series_number=2)[0], 400)
     _good(src)
-    proc = subprocess.run(
-        [sys.executable, "-c", _DEFLATE_PEAK_SCRIPT, str(src), str(dst)],
-        capture_output=True, text=True, timeout=120,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert proc.returncode == 0, proc.stderr
-    code, peak_kb = (int(v) for v in proc.stdout.split())
+    code, peak_kb = _ingest_peak_kb(src, dst, 16)
     assert code == 3
     assert peak_kb < 300 * 1024, f"peak memory {peak_kb / 1024:.0f} MB for a 400 MB bomb"
 
 
-_PEAK_SCRIPT = """
-import resource, sys
-from medgen.stages.ingest import ingest
-s = ingest(sys.argv[1], sys.argv[2], progress=False)
-print(s.exit_code, int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))))
-"""
-
-
 def test_bombs_keep_peak_memory_bounded(tmp_path):
+    from medgen.io.dicom_limits import DEFAULT_MAX_IMAGE_MB
+
     src, dst = tmp_path / "src", tmp_path / "out"
     jpeg2000_bomb(write_series(src / "j2k", shape=(32, 32, 3), series_number=2)[0])
     write_series(src / "hdr", shape=(8, 8, 3), series_number=3,
                  extra={"Rows": 60000, "Columns": 60000})
     _good(src)
-    proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(src), str(dst)],
-        capture_output=True, text=True, timeout=120,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert proc.returncode == 0, proc.stderr
-    code, peak_kb = (int(v) for v in proc.stdout.split())
+    code, peak_kb = _ingest_peak_kb(src, dst, DEFAULT_MAX_IMAGE_MB)
     assert code == 3
     assert peak_kb < 1024 * 1024, f"peak memory {peak_kb / 1024:.0f} MB"
 
