@@ -327,7 +327,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, seconds, peak, report in rows:
         m = report["metrics"]
-        print(f"| {name} | {seconds:.2f} | {peak:.0f} | {m['synthesis/fid_medgen3d']:.3f} | {m['synthesis/mmd_rbf_medgen3d']:.4f} "
+        print(f"| {name} | {seconds:.2f} | {peak:.0f} | {m['synthesis/fid_medgen3d']:.3g} | {m['synthesis/mmd_rbf_medgen3d']:.4f} "
               f"| {m['synthesis/two_sample_auc_medgen3d']:.3f} | {m['synthesis/diversity_msssim_synth']:.3f} "
               f"({m['synthesis/diversity_msssim_real']:.3f}) | {m['synthesis/memorisation_fraction_flagged']:.2f} "
               f"({m['synthesis/memorisation_chance_fraction']:.2f}) |")
