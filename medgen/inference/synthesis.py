@@ -153,6 +153,26 @@ def _denoiser_multiple(model: nn.Module) -> int:
     return 2 ** (len(channels) - 1) if channels else 1
 
 
+@dataclass(frozen=True)
+class _Resolved:
+    """A request with the model's defaults filled in and its condition checked."""
+
+    sampler: str
+    steps: int
+    guidance_scale: float
+    label: int | None
+    covariates: dict[str, float]
+
+
+def _resolve(settings: DiffusionSettings, spec: SynthesisSpec, request: SynthesisRequest) -> _Resolved:
+    sampler = request.sampler or settings.sampler
+    guidance = settings.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
+    if guidance < 0:
+        raise ParameterError(f"`guidance_scale` must be >= 0, got {guidance}")
+    label, covariates = resolve_condition(spec, request.condition)
+    return _Resolved(sampler, int(default_steps(settings, sampler, request.steps)), guidance, label, covariates)
+
+
 @torch.no_grad()
 def sample_latents(
     model: nn.Module,
@@ -167,19 +187,15 @@ def sample_latents(
     from medgen.inference.sampling import reverse_diffusion
 
     n = check_int("n", request.n, minimum=1)
-    sampler = request.sampler or settings.sampler
-    steps = default_steps(settings, sampler, request.steps)
-    guidance = settings.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
-    if guidance < 0:
-        raise ParameterError(f"`guidance_scale` must be >= 0, got {guidance}")
-    label, covariates = resolve_condition(spec, request.condition)
+    resolved = _resolve(settings, spec, request)
+    sampler, steps, guidance, label = resolved.sampler, resolved.steps, resolved.guidance_scale, resolved.label
     shape = check_latent_shape(spec.latent_shape, _denoiser_multiple(model))
     device = torch.device(device)
     model = model.to(device).eval()
     labels = None if label is None else torch.full((1,), label, dtype=torch.long, device=device)
     covs = None
     if spec.covariates:
-        covs = torch.from_numpy(spec.scale_covariates(covariates))[None].to(device)
+        covs = torch.from_numpy(spec.scale_covariates(resolved.covariates))[None].to(device)
     guided = labels is not None and guidance != 1.0
     null = torch.full((1,), spec.num_classes, dtype=torch.long, device=device) if guided else None
 
@@ -248,9 +264,7 @@ def generate_volumes(
 ) -> list[Volume]:
     """``request.n`` synthetic volumes (see :func:`sample_latents`, :func:`decode_latents`)."""
     latents = sample_latents(model, settings, spec, request, device=device, progress=progress)
-    label, covariates = resolve_condition(spec, request.condition)
-    sampler = request.sampler or settings.sampler
-    steps = default_steps(settings, sampler, request.steps)
+    resolved = _resolve(settings, spec, request)
     volumes = []
     for i in range(latents.shape[0]):
         image = decode_latents(model, latents[i : i + 1], slab_latent_vox=slab_latent_vox)[0, 0]
@@ -259,10 +273,10 @@ def generate_volumes(
             "model": source,
             "seed": int(request.seed),
             "index": int(index),
-            "condition": {**({LABEL_KEY: label} if label is not None else {}), **covariates},
-            "sampler": sampler,
-            "steps": int(steps),
-            "guidance_scale": settings.guidance_scale if request.guidance_scale is None else float(request.guidance_scale),
+            "condition": {**({LABEL_KEY: resolved.label} if resolved.label is not None else {}), **resolved.covariates},
+            "sampler": resolved.sampler,
+            "steps": resolved.steps,
+            "guidance_scale": resolved.guidance_scale,
             "settings": asdict(settings),
         }
         volumes.append(synthetic_volume(image.float().cpu().numpy(), spec, record, f"synthetic-s{request.seed}-{index:05d}"))
