@@ -236,17 +236,19 @@ def run_pipeline_command(
 
 
 def _register_enhancement_commands() -> None:
-    """train, enhance, evaluate, degrade, synthesize, evaluate-synthesis, batch, status: options
-    live beside their stages."""
+    """train, enhance, evaluate, degrade, synthesize, evaluate-synthesis, batch, status, check:
+    options live beside their stages."""
     from medgen.stages.enhance_cli import register
     from medgen.stages.evaluate_synthesis import register as register_evaluate_synthesis
     from medgen.stages.batch_cli import register as register_batch
+    from medgen.stages.check import register as register_check
     from medgen.stages.synthesis_cli import register as register_synthesis
 
     register(app)
     register_synthesis(app)
     register_evaluate_synthesis(app)
     register_batch(app)
+    register_check(app)
 
 
 _register_enhancement_commands()

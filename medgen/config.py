@@ -38,6 +38,7 @@ __all__ = [
     "AutoencoderConfig",
     "DiffusionConfig",
     "DiscriminatorConfig",
+    "FlowConfig",
     "GridConfig",
     "LatentDiffusionConfig",
     "LossConfig",
@@ -52,8 +53,8 @@ __all__ = [
     "load_config",
 ]
 
-ModelKind = Literal["unet", "gan", "diffusion", "autoencoder", "latent_diffusion"]
-SYNTHESIS_KINDS = ("autoencoder", "latent_diffusion")
+ModelKind = Literal["unet", "gan", "diffusion", "autoencoder", "latent_diffusion", "flow"]
+SYNTHESIS_KINDS = ("autoencoder", "latent_diffusion", "flow")
 LatentTraining = Literal["ddpm", "rflow"]
 SamplerName = Literal["ddpm", "ddim", "rflow"]
 Task = Literal["denoise", "super_resolution", "synthesis"]
@@ -185,6 +186,34 @@ class LatentDiffusionConfig(_Section):
         return self
 
 
+class FlowConfig(_Section):
+    """A normalizing flow (``zuko`` neural spline coupling flow) over a frozen autoencoder's
+    latents of a whole scan, trained by exact maximum likelihood.
+
+    ``regions``: the latent grid is average-pooled into this many regions per axis and each
+    region's latent mean and standard deviation per channel are the features (what the
+    input gate scores); ``null`` models the whole latent grid instead, which is what
+    synthesis needs (a pooled flow cannot be decoded). ``intensity_descriptors`` adds a few
+    statistics of the scan's raw values (range, zero point, background, saturation, noise):
+    per-scan normalisation hides scaling errors from the autoencoder by design.
+    ``calibration_fraction`` of the scans are held back from training; their scores set the
+    gate's threshold at ``false_positive_rate``. ``feature_noise`` (in training standard
+    deviations) smooths the density between the few training scans.
+    """
+
+    autoencoder: str = ""
+    regions: Triple | None = [2, 2, 2]
+    intensity_descriptors: bool = True
+    transforms: PositiveInt = 4
+    hidden_features: Annotated[list[PositiveInt], Field(min_length=1)] = [128, 128]
+    bins: PositiveInt = 8
+    num_classes: int = Field(0, ge=0)
+    feature_noise: float = Field(0.1, ge=0.0)
+    flip_augment: bool = True
+    calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    false_positive_rate: float = Field(0.01, gt=0.0, lt=0.5)
+
+
 def _check_levels(channels: list[int], attention_levels: list[bool], groups: int) -> None:
     """One attention flag per level, and channel counts the group norm can split."""
     if len(attention_levels) != len(channels):
@@ -215,6 +244,7 @@ class ModelConfig(_Section):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     latent_diffusion: LatentDiffusionConfig = Field(default_factory=LatentDiffusionConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
 
     @model_validator(mode="after")
     def _synthesis_task(self) -> ModelConfig:
@@ -419,7 +449,7 @@ def format_validation_error(source: str | Path, exc: ValidationError) -> str:
 
 
 def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
-    """Make data paths, the autoencoder path, the perceptual weights and ``training.out_dir``
+    """Make data paths, the autoencoder paths, the perceptual weights and ``training.out_dir``
     absolute against ``base_dir``."""
 
     def resolve(entry: str) -> str:
@@ -433,12 +463,11 @@ def _resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
     if cfg.data.labels_csv:
         update["labels_csv"] = resolve(cfg.data.labels_csv)
     data = cfg.data.model_copy(update=update)
-    ld = cfg.model.latent_diffusion
-    if ld.autoencoder and "://" not in ld.autoencoder and not ld.autoencoder.startswith(("runs:", "models:")):
-        model = cfg.model.model_copy(
-            update={"latent_diffusion": ld.model_copy(update={"autoencoder": resolve(ld.autoencoder)})}
-        )
-        cfg = cfg.model_copy(update={"model": model})
+    for section in ("latent_diffusion", "flow"):  # both name the autoencoder they build on
+        sub = getattr(cfg.model, section)
+        if sub.autoencoder and "://" not in sub.autoencoder and not sub.autoencoder.startswith(("runs:", "models:")):
+            model = cfg.model.model_copy(update={section: sub.model_copy(update={"autoencoder": resolve(sub.autoencoder)})})
+            cfg = cfg.model_copy(update={"model": model})
     loss = cfg.training.loss
     if loss.perceptual_weights is not None:
         loss = loss.model_copy(update={"perceptual_weights": Path(resolve(str(loss.perceptual_weights)))})

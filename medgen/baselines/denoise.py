@@ -182,21 +182,120 @@ def tune_nlm(
     return best
 
 
-_FLAT_PERCENT = 25.0  # share of the flattest Haar cells used for the Gaussian estimate
+# -- noise estimation ---------------------------------------------------------------------------
+
+_FLAT_PERCENT = 10.0  # share of the flattest 2x2x2 cells whose finest detail gives sigma
+_STRUCTURE_CELLS = 3  # structure is judged over this many cells per axis around each cell
+#: Rician: only cells whose mean is this many sigmas above zero count as tissue; there the
+#: magnitude noise is close to Gaussian with the channel sigma (its std is ~2 % lower at 4).
+_RICIAN_MIN_SNR = 4.0
+_RICIAN_MIN_CELLS = 64  # fewer bright cells than this: no tissue estimate
+#: Std of a Rayleigh variable of scale sigma, divided by sigma: sqrt(2 - pi/2).
+_RAYLEIGH_STD = math.sqrt(2.0 - math.pi / 2.0)
+#: Upper over lower quartile of a Rayleigh distribution, sqrt(ln 4 / ln(4/3)) = 2.20, and the
+#: range accepted for a background found automatically.
+_RAYLEIGH_QUARTILE_RATIO = math.sqrt(math.log(4.0) / math.log(4.0 / 3.0))
+_BACKGROUND_QUARTILE_RATIO = (0.8 * _RAYLEIGH_QUARTILE_RATIO, 1.25 * _RAYLEIGH_QUARTILE_RATIO)
+#: A background estimate is used only within this factor of the tissue estimate.
+_BACKGROUND_AGREEMENT = 1.3
+_MIN_BACKGROUND_VOXELS = 1000
+
+
+def _haar_cells(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One level of the orthonormal 3D Haar transform, per 2x2x2 cell (odd last planes dropped).
+
+    Returns the cell means, the finest diagonal detail ``HHH`` and a structure energy: the
+    mean square of the six other detail bands, averaged over ``_STRUCTURE_CELLS``^3 cells.
+    For white noise of std sigma every band has std sigma and all are independent, so
+    choosing cells by their means or structure energy does not bias the ``HHH`` statistics.
+    """
+    from scipy import ndimage
+
+    even = x[tuple(slice(0, n - n % 2) for n in x.shape)]
+    bands = {"": even}
+    for axis in range(3):  # split every band into low (sum) and high (difference) along axis
+        split = {}
+        first = tuple(slice(0, None, 2) if a == axis else slice(None) for a in range(3))
+        second = tuple(slice(1, None, 2) if a == axis else slice(None) for a in range(3))
+        for name, band in bands.items():
+            a, b = band[first], band[second]
+            split[name + "L"] = (a + b) / np.float32(math.sqrt(2.0))
+            split[name + "H"] = (a - b) / np.float32(math.sqrt(2.0))
+        bands = split
+    means = bands.pop("LLL") / np.float32(math.sqrt(8.0))
+    hhh = bands.pop("HHH")
+    # Edges and texture show most in the first- and second-order bands (a plane edge along
+    # an axis leaves HHH untouched but not these), so they flag the cells to avoid.
+    energy = sum(band * band for band in bands.values()) / np.float32(len(bands))
+    energy = ndimage.uniform_filter(energy, _STRUCTURE_CELLS, mode="nearest")
+    return means, hhh, energy
+
+
+def _flat_detail_sigma(hhh: np.ndarray, energy: np.ndarray, keep: np.ndarray | None = None) -> float:
+    """``MAD / 0.6745`` of ``HHH`` over the flat cells (of those in ``keep``).
+
+    First the flattest ``_FLAT_PERCENT``: a share ranked by structure keeps anatomy out
+    wherever at least that much of the scan is flat (a tenth suits folded cortex and thin
+    scalp layers). Then, for precision, every cell whose structure energy is no more than
+    noise of that sigma alone gives (about half of the flat cells, few with any structure).
+    """
+    if keep is not None:
+        hhh, energy = hhh[keep], energy[keep]
+    flat = energy <= np.percentile(energy, _FLAT_PERCENT)
+    sigma = float(np.median(np.abs(hhh[flat])) / _NORMAL_MAD)
+    quiet = energy <= sigma * sigma
+    if np.count_nonzero(quiet) > np.count_nonzero(flat):
+        sigma = float(np.median(np.abs(hhh[quiet])) / _NORMAL_MAD)
+    return sigma
+
+
+def _rician_tissue_sigma(means: np.ndarray, hhh: np.ndarray, energy: np.ndarray, start: float) -> float | None:
+    """Sigma from bright tissue only, where Rician noise is nearly Gaussian; None if too little.
+
+    ``start`` may be low (about 0.65 sigma when the flattest cells are background, whose
+    Rayleigh values vary less); a few rounds of "cells brighter than 4 sigma" settle it.
+    """
+    sigma = None
+    threshold = start
+    for _ in range(5):
+        keep = means >= _RICIAN_MIN_SNR * threshold
+        if np.count_nonzero(keep) < _RICIAN_MIN_CELLS:
+            return sigma
+        new = _flat_detail_sigma(hhh, energy, keep)
+        if sigma is not None and abs(new - sigma) <= 0.01 * sigma:
+            return new
+        sigma = threshold = new
+    return sigma
+
+
+def _rayleigh_sigma(values: np.ndarray) -> tuple[float, float]:
+    """Sigma of Rayleigh-distributed ``values`` from their median, and their quartile ratio."""
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    ratio = float(q3 / q1) if q1 > 0 else math.inf
+    return float(median / _RAYLEIGH_MEDIAN), ratio
 
 
 def estimate_noise_sigma(x: Any, *, rician: bool = False, background: Any = None) -> float:
     """Estimate the noise standard deviation of a volume, in image units.
 
-    * Gaussian noise (``rician=False``): the median absolute deviation of the finest-scale
-      detail (the residual of a 2x2x2 Haar-like difference), ``sigma = MAD / 0.6745``, the
-      robust estimator of Donoho & Johnstone that :func:`skimage.restoration.estimate_sigma`
-      implements with wavelets (which would need PyWavelets, not a medgen dependency),
-      taken over the flattest quarter of the 2x2x2 cells so that edges do not inflate it.
-    * Rician noise (``rician=True``): background voxels (no signal) are Rayleigh distributed,
-      ``sigma = median(background) / sqrt(2 ln 2)``. ``background`` is a boolean mask; by
-      default the voxels outside :func:`medgen.metrics.masks.foreground_mask` dilated by
-      3 voxels.
+    Works with or without air in the field of view (a crop inside the head has none).
+
+    * Gaussian noise (``rician=False``): Donoho & Johnstone's robust estimator, the median
+      absolute deviation of the finest diagonal Haar detail ``HHH`` of the 2x2x2 cells,
+      ``sigma = MAD / 0.6745`` (what :func:`skimage.restoration.estimate_sigma` does with
+      PyWavelets, not a medgen dependency), taken only over the flattest tenth of the cells
+      (least energy in the other six Haar detail bands around them), so that edges, folds
+      and texture do not inflate it.
+    * Rician noise (``rician=True``), magnitude MR:
+
+      - with ``background`` (a boolean mask of voxels without signal): they are Rayleigh
+        distributed, ``sigma = median(background) / sqrt(2 ln 2)``;
+      - otherwise the same Haar estimate over bright tissue only (cell mean above 4 sigma,
+        where Rician noise is close to Gaussian). The background outside
+        :func:`medgen.metrics.masks.foreground_mask` (dilated by 3 voxels) replaces it only
+        when it looks like air: enough voxels, quartiles in a Rayleigh's ratio (2.2) and an
+        estimate within a factor 1.3 of the tissue one. In a crop without air the "background"
+        that Otsu's threshold finds is dark tissue, which would give several times sigma.
 
     Examples
     --------
@@ -204,44 +303,47 @@ def estimate_noise_sigma(x: Any, *, rician: bool = False, background: Any = None
     >>> bool(abs(estimate_noise_sigma(noisy) - 3.0) < 0.15)
     True
     """
-    x = check_volume_array("x", x, dtype=np.float64)
+    x = check_volume_array("x", x, dtype=np.float32)
     rician = check_bool("rician", rician)
-    if rician:
-        if background is None:
-            from medgen.metrics.masks import foreground_mask
-
-            background = ~foreground_mask(x, dilate_vox=3)
+    if rician and background is not None:
         background = np.asarray(background, dtype=bool)
         check_same_shape("background", background, "x", x)
         if not background.any():
             raise ParameterError(
                 "estimate_noise_sigma: the background mask is empty; pass `background`"
             )
-        return float(np.median(x[background]) / _RAYLEIGH_MEDIAN)
-    # Finest Haar detail along all three axes (a signed sum of the 8 corners of each 2x2x2
-    # cell, scaled so that white noise of std sigma keeps std sigma) and the cell means.
-    cells = [s // 2 * 2 for s in x.shape]
-    if min(cells) < 2:
+        return _rayleigh_sigma(x[background])[0]
+    if min(x.shape) < 2:
         raise ParameterError(
             f"estimate_noise_sigma needs at least 2 voxels per axis, got shape {x.shape}"
         )
-    v = x[: cells[0], : cells[1], : cells[2]]
-    detail = np.zeros([c // 2 for c in cells])
-    means = np.zeros_like(detail)
-    for di in (0, 1):
-        for dj in (0, 1):
-            for dk in (0, 1):
-                corner = v[di::2, dj::2, dk::2]
-                detail += (-1) ** (di + dj + dk) * corner
-                means += corner
-    detail /= math.sqrt(8.0)
-    # Edges leak into the detail and inflate the MAD (by 4-14 % on head CT and MR). Keep the
-    # flattest quarter of the cells, judged on their means: for white noise the Haar detail is
-    # independent of the means, so the choice does not bias the estimate.
-    if min(means.shape) >= 3:
-        from scipy import ndimage
+    means, hhh, energy = _haar_cells(x)
+    flat = _flat_detail_sigma(hhh, energy)
+    if not rician:
+        return flat
+    tissue = _rician_tissue_sigma(means, hhh, energy, flat)
+    air = _automatic_background_sigma(x)
+    if air is not None:
+        sigma_air, ratio = air
+        looks_rayleigh = _BACKGROUND_QUARTILE_RATIO[0] <= ratio <= _BACKGROUND_QUARTILE_RATIO[1]
+        agrees = tissue is None or 1 / _BACKGROUND_AGREEMENT <= sigma_air / tissue <= _BACKGROUND_AGREEMENT
+        if looks_rayleigh and agrees:
+            return sigma_air
+    if tissue is not None:
+        return tissue
+    # Nothing bright enough and no air: the flattest cells are then mostly background, whose
+    # Rayleigh values have a std of 0.655 sigma.
+    return flat / _RAYLEIGH_STD
 
-        smooth = ndimage.gaussian_filter(means, 1.0, mode="nearest")
-        slope = sum(g * g for g in np.gradient(smooth))
-        detail = detail[slope <= np.percentile(slope, _FLAT_PERCENT)]
-    return float(np.median(np.abs(detail)) / _NORMAL_MAD)
+
+def _automatic_background_sigma(x: np.ndarray) -> tuple[float, float] | None:
+    """Rayleigh sigma and quartile ratio of the voxels outside the dilated foreground, or None."""
+    from medgen.metrics.masks import foreground_mask
+
+    try:
+        outside = ~foreground_mask(x, dilate_vox=3)
+    except ParameterError:  # a (nearly) constant volume has no foreground to find
+        return None
+    if np.count_nonzero(outside) < _MIN_BACKGROUND_VOXELS:
+        return None
+    return _rayleigh_sigma(x[outside])

@@ -195,7 +195,8 @@ class LatentBatches:
 
     ``batch(step)`` draws ``batch_size`` scans with ``numpy.random.default_rng([seed, rank,
     step])`` and returns ``"latent_mean"``/``"latent_std"`` ``(B, C, d, h, w)``, and when
-    given ``"class_label"`` ``(B,)`` long and ``"covariates"`` ``(B, n)``.
+    given ``"class_label"`` ``(B,)`` long, ``"covariates"`` ``(B, n)`` and ``"descriptors"``
+    ``(B, K)`` (a flow's intensity descriptors).
     """
 
     def __init__(
@@ -207,12 +208,14 @@ class LatentBatches:
         batch_size: int = 2,
         seed: int = 0,
         rank: int = 0,
+        descriptors: np.ndarray | None = None,
     ) -> None:
         if means.shape != stds.shape or means.ndim != 5:
             raise ValueError(f"`means` and `stds` must both be (N, C, d, h, w), got {tuple(means.shape)}, {tuple(stds.shape)}")
         self.means, self.stds = means, stds
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.covariates = None if covariates is None else torch.as_tensor(np.asarray(covariates), dtype=torch.float32)
+        self.descriptors = None if descriptors is None else torch.as_tensor(np.asarray(descriptors), dtype=torch.float32)
         self.batch_size, self.seed, self.rank = int(batch_size), int(seed), int(rank)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -223,4 +226,6 @@ class LatentBatches:
             out["class_label"] = self.labels[index]
         if self.covariates is not None:
             out["covariates"] = self.covariates[index]
+        if self.descriptors is not None:
+            out["descriptors"] = self.descriptors[index]
         return out

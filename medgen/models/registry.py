@@ -8,7 +8,7 @@ from torch import nn
 
 from medgen.config import ModelConfig, PipelineConfig
 
-MODEL_KINDS = ("unet", "gan", "diffusion", "autoencoder", "latent_diffusion")
+MODEL_KINDS = ("unet", "gan", "diffusion", "autoencoder", "latent_diffusion", "flow")
 
 
 def _residual_unet(cfg: ModelConfig) -> nn.Module:
@@ -61,6 +61,33 @@ def _latent_diffusion(cfg: ModelConfig) -> nn.Module:
     return LatentDiffusionModel(build_autoencoder(cfg.autoencoder), denoiser)
 
 
+def flow_latent_shape(cfg: PipelineConfig) -> list[int]:
+    """The latent grid a flow models: ``data.grid`` divided by the autoencoder's downsampling."""
+    if not isinstance(cfg, PipelineConfig) or cfg.data.grid is None:
+        raise ValueError("a flow model is built from the whole pipeline config with `data.grid` set")
+    factor = cfg.model.autoencoder.downsample_factor
+    return [s // factor for s in cfg.data.grid.shape_vox]
+
+
+def _flow(cfg: PipelineConfig) -> nn.Module:
+    from medgen.data.scan_descriptors import DESCRIPTOR_NAMES
+    from medgen.models.autoencoder import build_autoencoder
+    from medgen.models.flow import LatentFlow
+
+    f = cfg.model.flow
+    return LatentFlow(
+        build_autoencoder(cfg.model.autoencoder),
+        latent_channels=cfg.model.autoencoder.latent_channels,
+        latent_shape=flow_latent_shape(cfg),
+        regions=f.regions,
+        num_descriptors=len(DESCRIPTOR_NAMES) if f.intensity_descriptors else 0,
+        transforms=f.transforms,
+        hidden_features=f.hidden_features,
+        bins=f.bins,
+        num_classes=f.num_classes,
+    )
+
+
 # The GAN's generator is the supervised residual U-Net; its critic is built separately.
 _BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "unet": _residual_unet,
@@ -89,9 +116,12 @@ def build_model(cfg: ModelConfig | PipelineConfig) -> nn.Module:
         ``diffusion``: :class:`~medgen.models.diffusion.ConditionalDiffusionUNet`;
         ``autoencoder``: MONAI ``AutoencoderKL``; ``latent_diffusion``:
         :class:`~medgen.models.latent_diffusion.LatentDiffusionModel` (the autoencoder, whose
-        architecture is ``model.autoencoder``, inside).
+        architecture is ``model.autoencoder``, inside); ``flow``:
+        :class:`~medgen.models.flow.LatentFlow` (needs the whole config: ``data.grid``).
     """
     model_cfg = _model_section(cfg)
+    if model_cfg.kind == "flow":  # needs the whole config: its grid fixes the feature count
+        return _flow(cfg)
     return _BUILDERS[model_cfg.kind](model_cfg)
 
 

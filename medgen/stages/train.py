@@ -322,7 +322,7 @@ def train(
                     }
                 )
                 for key in ("data.train", "data.val", "data.labels_csv", "training.out_dir",
-                            "model.latent_diffusion.autoencoder"):  # fmt: skip
+                            "model.latent_diffusion.autoencoder", "model.flow.autoencoder"):  # fmt: skip
                     params.pop(key, None)  # local paths may name people; the hash identifies the data
                 tracker.log_params(run_id, params)
                 tracker.log_artifact(run_id, config_path, "config")
@@ -368,6 +368,8 @@ def train(
         status = "FAILED"
         try:
             result = trainer.fit()
+            if synthesis is not None and synthesis.finalise is not None and dist.is_main:
+                trainer.metadata.update(synthesis.finalise(trainer.inference_model, run))
             model_path = trainer.export_model(out_dir / MODEL_FILE)
             model_uri = None
             val_metrics: dict[str, float] = {}

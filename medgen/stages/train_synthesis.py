@@ -50,6 +50,8 @@ class SynthesisTraining:
     objective: nn.Module
     metadata: dict[str, Any] = field(default_factory=dict)
     make_validator: Callable[[Any, torch.device], Callable[[nn.Module, int], dict[str, float]]] | None = None
+    # After training, on the main rank: the trained (EMA) model and the run -> metadata to add.
+    finalise: Callable[[nn.Module, Any], dict[str, Any]] | None = None
 
 
 def _records(cfg: PipelineConfig, need_label: bool, covariates: list[str]):
@@ -84,6 +86,7 @@ def _spec(cfg: PipelineConfig, volumes: list[Volume], norms, covariate_ranges=No
         return None
     first = volumes[0].meta
     ld = cfg.model.latent_diffusion
+    num_classes = {"latent_diffusion": ld.num_classes, "flow": cfg.model.flow.num_classes}.get(cfg.model.kind, 0)
     return SynthesisSpec(
         shape_vox=list(cfg.data.grid.shape_vox),
         spacing_mm=list(cfg.data.grid.spacing_mm),
@@ -91,7 +94,7 @@ def _spec(cfg: PipelineConfig, volumes: list[Volume], norms, covariate_ranges=No
         intensity_scale=float(np.median([n.scale for n in norms])),
         units=first.units,
         modality=first.modality or "OT",
-        num_classes=ld.num_classes if cfg.model.kind == "latent_diffusion" else 0,
+        num_classes=num_classes,
         covariates=list(ld.covariates) if cfg.model.kind == "latent_diffusion" else [],
         covariate_ranges=covariate_ranges or {},
     )
@@ -213,16 +216,35 @@ def reconstruction_validator(cfg: PipelineConfig, volumes: list[Volume], run, de
 
 
 # -- latent diffusion -------------------------------------------------------------------
-def _load_autoencoder(cfg: PipelineConfig, source: str):
+def load_base_autoencoder(ref: str, key: str, source: str):
+    """The trained autoencoder a latent model builds on (``key`` names the config entry)."""
     from medgen.inference.loading import article, load_model
 
-    ref = cfg.model.latent_diffusion.autoencoder
     if not ref:
-        raise ConfigError(f"{source}: model.latent_diffusion.autoencoder: name the trained autoencoder")
+        raise ConfigError(f"{source}: {key}: name the trained autoencoder")
     loaded = load_model(ref)
     if loaded.kind != "autoencoder":
         raise InputError(ref, f"is {article(loaded.kind)} model, not an autoencoder")
     return loaded
+
+
+def on_autoencoder_grid(cfg: PipelineConfig, ae, source: str) -> PipelineConfig:
+    """``cfg`` with the autoencoder's architecture, and its training grid when ``data.grid``
+    is not set; the grid must be divisible by the autoencoder's downsampling."""
+    data = cfg.data
+    if data.grid is None:
+        stored = ae.metadata.get("synthesis")
+        if not stored:
+            raise ConfigError(
+                f"{source}: data.grid: a latent model needs a common grid (set data.grid, or train the autoencoder with one)"
+            )
+        from medgen.config import GridConfig
+
+        data = data.model_copy(update={"grid": GridConfig(shape_vox=stored["shape_vox"], spacing_mm=stored["spacing_mm"])})
+    model_section = cfg.model.model_copy(update={"autoencoder": ae.config.model.autoencoder})
+    cfg = cfg.model_copy(update={"model": model_section, "data": data})
+    _check_divisible(cfg.data.grid.shape_vox, cfg.model.autoencoder.downsample_factor, "data.grid.shape_vox", source)
+    return cfg
 
 
 def _covariate_matrix(records, names: list[str]) -> tuple[np.ndarray | None, dict[str, list[float]]]:
@@ -252,23 +274,10 @@ def latent_diffusion_training(cfg: PipelineConfig, dist, source: str) -> Synthes
     from medgen.models import build_model
     from medgen.training.objectives_synthesis import LatentDiffusionObjective
 
-    ae = _load_autoencoder(cfg, source)
     ld = cfg.model.latent_diffusion
-    model_section = cfg.model.model_copy(update={"autoencoder": ae.config.model.autoencoder})
-    data = cfg.data
-    if data.grid is None:
-        stored = ae.metadata.get("synthesis")
-        if not stored:
-            raise ConfigError(
-                f"{source}: data.grid: a latent diffusion model needs a common grid "
-                "(set data.grid, or train the autoencoder with one)"
-            )
-        from medgen.config import GridConfig
-
-        data = data.model_copy(update={"grid": GridConfig(shape_vox=stored["shape_vox"], spacing_mm=stored["spacing_mm"])})
-    cfg = cfg.model_copy(update={"model": model_section, "data": data})
+    ae = load_base_autoencoder(ld.autoencoder, "model.latent_diffusion.autoencoder", source)
+    cfg = on_autoencoder_grid(cfg, ae, source)
     factor = cfg.model.autoencoder.downsample_factor
-    _check_divisible(cfg.data.grid.shape_vox, factor, "data.grid.shape_vox", source)
     latent_side = [s // factor for s in cfg.data.grid.shape_vox]
     _check_divisible(latent_side, 2 ** (len(ld.channels) - 1), "latent shape (data.grid.shape_vox / autoencoder downsampling)", source)
 
@@ -339,7 +348,11 @@ def sample_validator(cfg: PipelineConfig, spec: SynthesisSpec, run, device):
 
 
 def synthesis_training(cfg: PipelineConfig, dist, source: str) -> SynthesisTraining:
-    """Set-up for ``cfg.model.kind`` in ``autoencoder``/``latent_diffusion``."""
+    """Set-up for ``cfg.model.kind`` in ``autoencoder``/``latent_diffusion``/``flow``."""
     if cfg.model.kind == "autoencoder":
         return autoencoder_training(cfg, dist, source)
+    if cfg.model.kind == "flow":
+        from medgen.stages.train_flow import flow_training
+
+        return flow_training(cfg, dist, source)
     return latent_diffusion_training(cfg, dist, source)

@@ -7,6 +7,8 @@
   flow (velocity ``x0 - noise``) on scaled latents; batches carry ``"latent_mean"`` and
   ``"latent_std"`` ``(B, C, d, h, w)`` (a fresh posterior sample every step) and optionally
   ``"class_label"`` ``(B,)`` and ``"covariates"`` ``(B, n)``.
+* :class:`FlowObjective`: negative log-likelihood per feature of a normalizing flow on the
+  latent posterior means (plus ``"descriptors"`` ``(B, K)`` when the flow takes them).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgen.training.objectives import AdversarialObjective, Batch, Objective, ddpm_target
+from medgen.training.trainer import unwrap
 
 
 def kl_divergence(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -158,3 +161,23 @@ class LatentDiffusionObjective(Objective):
         output = model(x_t, t, labels, batch.get("covariates")).float()
         loss = F.mse_loss(output, goal)
         return loss, {"loss": float(loss.detach())}
+
+
+class FlowObjective(Objective):
+    """Exact maximum likelihood: mean negative log-likelihood per feature (nats) of every
+    scan's posterior-mean latents, smoothed by ``feature_noise``. Means, not posterior
+    samples: the gate scores means, and a sample's spread within a region is dominated by
+    the posterior noise (measured: 67 vs 1.5 nats per feature)."""
+
+    def __init__(self, feature_noise: float = 0.0) -> None:
+        super().__init__()
+        self.feature_noise = float(feature_noise)
+
+    def forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        latents = batch["latent_mean"].float()
+        # Spline flows need float32: a bf16 log-determinant is too coarse to train on.
+        with torch.autocast(latents.device.type, enabled=False):
+            log_prob = model(latents, batch.get("descriptors"), batch.get("class_label"), self.feature_noise)
+        dim = unwrap(model).dim
+        loss = -log_prob.mean() / dim
+        return loss, {"loss": float(loss.detach()), "nll_per_dim": float(loss.detach())}

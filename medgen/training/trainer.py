@@ -94,12 +94,18 @@ def ema_with_warmup(decay: float) -> Callable[..., None]:
     @torch.no_grad()
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         n = float(num_averaged)
-        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        pairs = [(e, p) for e, p in zip(ema_params, params) if e.dtype.is_floating_point]
+        for e, p in zip(ema_params, params):
+            if not e.dtype.is_floating_point:  # integer/bool buffers (masks, counters) are copied
+                e.copy_(p)
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
 
     return update
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DDP wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
@@ -383,6 +389,6 @@ def save_model_file(path: str | Path, model: nn.Module, metadata: dict[str, Any]
         "version": FORMAT_VERSION,
         "step": int(step),
         "metadata_json": json.dumps(metadata, sort_keys=True),
-        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
     }
     return save_checkpoint(payload, path)

@@ -1,0 +1,52 @@
+"""A few statistics of a scan's raw values that per-scan normalisation hides.
+
+The autoencoder sees every scan normalised to its own percentile window, so a scan whose
+rescale slope is 100 times too large, whose values are inverted, or which is a CT instead of
+an MR can look ordinary to it. These descriptors keep that information for the input gate
+(:mod:`medgen.inference.gate`); they are computed on the scan on the model's common grid,
+in the scan's physical units.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DESCRIPTOR_NAMES = (
+    "log10_range",  # scale: p99.5 - p0.5 in physical units (slope errors, modality)
+    "zero_point",  # where 0 lies in the window: ~0 for MR, negative for CT in HU
+    "border_level",  # mean of the outer shell in window units: air is dark unless inverted
+    "log10_saturation",  # share of bright voxels sitting at the maximum (clipping)
+    "log10_noise",  # finite-difference noise relative to the window (noise, artefacts)
+    "foreground_fraction",  # share of the grid above 10 % of the window (empty, body size)
+)
+
+
+def intensity_descriptors(values: np.ndarray) -> np.ndarray:
+    """:data:`DESCRIPTOR_NAMES` of one finite, non-constant 3D array (float64 vector).
+
+    Examples
+    --------
+    >>> x = np.zeros((16, 16, 16), np.float32); x[4:12, 4:12, 4:12] = 100.0
+    >>> d = dict(zip(DESCRIPTOR_NAMES, intensity_descriptors(x)))
+    >>> [round(float(d[k]), 3) for k in ("log10_range", "zero_point", "border_level")]
+    [2.0, 0.0, 0.0]
+    """
+    v = np.asarray(values, np.float64)
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    vmax = float(v.max())
+    window = max(hi - lo, 1e-12 * max(abs(hi), 1.0), np.finfo(np.float64).tiny)
+    shell = np.concatenate([v[[0, -1]].ravel(), v[:, [0, -1]].ravel(), v[:, :, [0, -1]].ravel()])
+    bright = v > lo + 0.1 * window
+    # A clipped scan has many voxels exactly at its maximum; an unclipped one almost none.
+    at_max = np.count_nonzero(v >= vmax - 1e-6 * max(abs(vmax), window)) / max(np.count_nonzero(bright), 1)
+    noise = np.median(np.abs(np.diff(v, axis=0))) / window
+    return np.array(
+        [
+            np.log10(window),
+            (0.0 - lo) / window,
+            (float(shell.mean()) - lo) / window,
+            np.log10(at_max + 1e-4),
+            np.log10(noise + 1e-4),
+            float(bright.mean()),
+        ]
+    )
