@@ -201,13 +201,14 @@ _BACKGROUND_AGREEMENT = 1.3
 _MIN_BACKGROUND_VOXELS = 1000
 
 
-def _haar_cells(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _haar_cells(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One level of the orthonormal 3D Haar transform, per 2x2x2 cell (odd last planes dropped).
 
-    Returns the cell means, the finest diagonal detail ``HHH`` and a structure energy: the
-    mean square of the six other detail bands, averaged over ``_STRUCTURE_CELLS``^3 cells.
-    For white noise of std sigma every band has std sigma and all are independent, so
-    choosing cells by their means or structure energy does not bias the ``HHH`` statistics.
+    Returns the cell means, the finest diagonal detail ``HHH``, a structure energy (the
+    mean square of the six other detail bands, averaged over ``_STRUCTURE_CELLS``^3 cells)
+    and which cells vary at all. For white noise of std sigma every band has std sigma and
+    all are independent, so choosing cells by their means or structure energy does not bias
+    the ``HHH`` statistics.
     """
     from scipy import ndimage
 
@@ -227,20 +228,25 @@ def _haar_cells(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Edges and texture show most in the first- and second-order bands (a plane edge along
     # an axis leaves HHH untouched but not these), so they flag the cells to avoid.
     energy = sum(band * band for band in bands.values()) / np.float32(len(bands))
+    # Cells of 8 equal voxels carry no noise: padding outside a CT's field of view, air
+    # zeroed by masking. Counted as flat they would pull the estimate to 0.
+    live = (energy > 0) | (hhh != 0)
     energy = ndimage.uniform_filter(energy, _STRUCTURE_CELLS, mode="nearest")
-    return means, hhh, energy
+    return means, hhh, energy, live
 
 
-def _flat_detail_sigma(hhh: np.ndarray, energy: np.ndarray, keep: np.ndarray | None = None) -> float:
-    """``MAD / 0.6745`` of ``HHH`` over the flat cells (of those in ``keep``).
+def _flat_detail_sigma(hhh: np.ndarray, energy: np.ndarray, keep: np.ndarray) -> float:
+    """``MAD / 0.6745`` of ``HHH`` over the flat cells among those in ``keep`` (0 if none).
 
     First the flattest ``_FLAT_PERCENT``: a share ranked by structure keeps anatomy out
     wherever at least that much of the scan is flat (a tenth suits folded cortex and thin
-    scalp layers). Then, for precision, every cell whose structure energy is no more than
-    noise of that sigma alone gives (about half of the flat cells, few with any structure).
+    scalp layers). Then, for precision, every cell whose structure energy is at most the mean
+    that noise of that sigma alone gives: about half of the cells that hold only noise pass,
+    cells with visible structure do not.
     """
-    if keep is not None:
-        hhh, energy = hhh[keep], energy[keep]
+    hhh, energy = hhh[keep], energy[keep]
+    if hhh.size == 0:
+        return 0.0
     flat = energy <= np.percentile(energy, _FLAT_PERCENT)
     sigma = float(np.median(np.abs(hhh[flat])) / _NORMAL_MAD)
     quiet = energy <= sigma * sigma
@@ -249,7 +255,9 @@ def _flat_detail_sigma(hhh: np.ndarray, energy: np.ndarray, keep: np.ndarray | N
     return sigma
 
 
-def _rician_tissue_sigma(means: np.ndarray, hhh: np.ndarray, energy: np.ndarray, start: float) -> float | None:
+def _rician_tissue_sigma(
+    means: np.ndarray, hhh: np.ndarray, energy: np.ndarray, live: np.ndarray, start: float
+) -> float | None:
     """Sigma from bright tissue only, where Rician noise is nearly Gaussian; None if too little.
 
     ``start`` may be low (about 0.65 sigma when the flattest cells are background, whose
@@ -258,7 +266,7 @@ def _rician_tissue_sigma(means: np.ndarray, hhh: np.ndarray, energy: np.ndarray,
     sigma = None
     threshold = start
     for _ in range(5):
-        keep = means >= _RICIAN_MIN_SNR * threshold
+        keep = live & (means >= _RICIAN_MIN_SNR * threshold)
         if np.count_nonzero(keep) < _RICIAN_MIN_CELLS:
             return sigma
         new = _flat_detail_sigma(hhh, energy, keep)
@@ -293,9 +301,12 @@ def estimate_noise_sigma(x: Any, *, rician: bool = False, background: Any = None
       - otherwise the same Haar estimate over bright tissue only (cell mean above 4 sigma,
         where Rician noise is close to Gaussian). The background outside
         :func:`medgen.metrics.masks.foreground_mask` (dilated by 3 voxels) replaces it only
-        when it looks like air: enough voxels, quartiles in a Rayleigh's ratio (2.2) and an
-        estimate within a factor 1.3 of the tissue one. In a crop without air the "background"
-        that Otsu's threshold finds is dark tissue, which would give several times sigma.
+        when it looks like air: enough voxels, quartiles in a Rayleigh's ratio (2.2, which
+        zeroed air fails) and an estimate within a factor 1.3 of the tissue one. In a crop
+        without air the "background" that Otsu's threshold finds is dark tissue, which would
+        give several times sigma.
+      - with neither bright tissue nor air, the Haar estimate over the flattest cells divided
+        by a Rayleigh's std (0.655 sigma): those cells are then mostly background.
 
     Examples
     --------
@@ -317,16 +328,21 @@ def estimate_noise_sigma(x: Any, *, rician: bool = False, background: Any = None
         raise ParameterError(
             f"estimate_noise_sigma needs at least 2 voxels per axis, got shape {x.shape}"
         )
-    means, hhh, energy = _haar_cells(x)
-    flat = _flat_detail_sigma(hhh, energy)
+    means, hhh, energy, live = _haar_cells(x)
+    flat = _flat_detail_sigma(hhh, energy, live)
     if not rician:
         return flat
-    tissue = _rician_tissue_sigma(means, hhh, energy, flat)
+    tissue = _rician_tissue_sigma(means, hhh, energy, live, flat)
     air = _automatic_background_sigma(x)
     if air is not None:
         sigma_air, ratio = air
         looks_rayleigh = _BACKGROUND_QUARTILE_RATIO[0] <= ratio <= _BACKGROUND_QUARTILE_RATIO[1]
-        agrees = tissue is None or 1 / _BACKGROUND_AGREEMENT <= sigma_air / tissue <= _BACKGROUND_AGREEMENT
+        # Anatomy taken for air only raises the median; noise-free (zeroed) air fails the
+        # quartile test, and a field of view that holds no air gives a "background" of dark
+        # tissue, far above the tissue estimate.
+        agrees = tissue is None or (
+            tissue / _BACKGROUND_AGREEMENT <= sigma_air <= tissue * _BACKGROUND_AGREEMENT
+        )
         if looks_rayleigh and agrees:
             return sigma_air
     if tissue is not None:
