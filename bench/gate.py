@@ -13,6 +13,7 @@ percentile of their scores on the same held-back calibration scans.
 
     .venv/bin/python bench/gate.py                       # ~10 min on 2 CPU cores
     .venv/bin/python bench/gate.py --regions 1 1 1 --autoencoder /bench_out/gate/vae/model.pt
+    .venv/bin/python bench/gate.py --flow /bench_out/gate/flow/model.pt   # score an existing flow
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def train_gate(work: Path, args, train_csv: Path) -> Path:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     ae = args.autoencoder
     if ae is None:
-        grid = {"shape_vox": [args.size] * 3, "spacing_mm": [192.0 / args.size] * 3}
+        grid = {"shape_vox": [args.size] * 3, "spacing_mm": [args.fov / args.size] * 3}
         cfg = vae_config(work, "vae", args, args.device, {"labels_csv": str(train_csv), "val_fraction": 0.1, "grid": grid})
         started = time.perf_counter()
         ae = train(cfg, tracking_uri=uri, progress=False, resume=False).model_path
@@ -89,10 +90,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/bench_out/gate"))
     parser.add_argument("--n-per-class", type=int, default=30, help="training cohort: subjects per class")
     parser.add_argument("--n-test-per-class", type=int, default=25, help="held-out in-distribution subjects per class")
-    parser.add_argument("--size", type=int, default=32, help="autoencoder grid side (voxels over 192 mm)")
-    parser.add_argument("--ae-steps", type=int, default=400)
+    parser.add_argument("--size", type=int, default=32, help="autoencoder grid side (voxels)")
+    parser.add_argument("--fov", type=float, default=72.0, help="grid field of view in mm (cohort heads are ~66 mm)")
+    parser.add_argument("--ae-steps", type=int, default=300)
     parser.add_argument("--autoencoder", type=Path, default=None, help="use this trained autoencoder")
-    parser.add_argument("--flow-steps", type=int, default=1500)
+    parser.add_argument("--flow", type=Path, default=None, help="score with this trained flow (no training)")
+    parser.add_argument("--flow-steps", type=int, default=1000)
     parser.add_argument("--regions", type=int, nargs=3, default=[2, 2, 2])
     parser.add_argument("--transforms", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
@@ -112,7 +115,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     train_csv = cohort(work / "train", args.n_per_class, seed=0)
     test_csv = cohort(work / "test", args.n_test_per_class, seed=1)
-    gate = load_gate(train_gate(work, args, train_csv), device=args.device)
+    gate = load_gate(args.flow or train_gate(work, args, train_csv), device=args.device)
 
     train_records, held_records = split_records(read_labels_csv(train_csv), 0.2, seed=0)  # the flow's own split
     train_volumes, held_volumes = volumes_of(train_csv, train_records), volumes_of(train_csv, held_records)

@@ -25,7 +25,7 @@ def _entries(n: int, fp: str = "fp") -> list[StudyEntry]:
 def test_sync_adds_studies_with_every_stage_pending_and_notices_changes(tmp_path):
     with Ledger.open(tmp_path) as ledger:
         assert ledger.sync_studies(_entries(3), STAGES) == {"new": 3, "changed": 0, "absent": 0}
-        assert ledger.counts(STAGES) == {"pending": 3, "running": 0, "done": 0, "failed": 0, "total": 3}
+        assert ledger.counts(STAGES) == {"pending": 3, "running": 0, "done": 0, "failed": 0, "gated": 0, "total": 3}
         entries = _entries(2) + [StudyEntry("key0002", "dicom", 4, "other")]
         assert ledger.sync_studies(entries[:1] + entries[2:], STAGES) == {"new": 0, "changed": 1, "absent": 1}
         assert [s.study_key for s in ledger.studies(STAGES)] == ["key0000", "key0002"]

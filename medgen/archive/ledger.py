@@ -17,14 +17,19 @@ ledger_studies
     (hash of the study's files, sizes and mtimes), ``present`` (1 when the last scan of the
     archive saw it), ``added`` (UTC, ISO 8601).
 ledger_steps
-    one row per study and stage: ``status`` (``pending``/``running``/``done``/``failed``),
+    one row per study and stage: ``status`` (``pending``/``running``/``done``/``failed``, or
+    ``gated``: the input gate kept the study out, by policy; not a failure, not retried),
     ``fingerprint`` (of the stage's inputs and settings), ``worker`` and ``heartbeat`` (unix
     seconds) while running, ``attempts``, ``outputs`` (JSON ``[[name, size, sha256], ...]``,
     names relative to OUT), ``metrics`` (JSON), ``reason`` (one line), ``seconds``,
     ``run_id`` and ``updated`` (unix seconds).
 ledger_runs
     one row per batch run: ``run_id``, ``pid``, ``host``, ``started``/``finished`` (unix
-    seconds), ``status`` (``running``/``finished``/``interrupted``), ``summary`` (JSON).
+    seconds), ``status`` (``running``/``finished``/``interrupted``; a run left ``running``
+    was killed), ``summary`` (JSON), ``mlflow_run_id`` (the MLflow run it logged to).
+ledger_info
+    ``key``/``value`` facts about the output folder: ``batch_id``, a random id made once,
+    which tags the folder's MLflow runs (so a restart finds the run a killed start left open).
 
 Examples
 --------
@@ -43,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import socket
 import sqlite3
 import time
@@ -52,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medgen.archive.batch_lock import LOCK_NAME, BatchLock
 from medgen.archive.manifest import MANIFEST_NAME, Transaction, close_checkpointed, utc_now
 
 __all__ = [
@@ -69,9 +76,8 @@ __all__ = [
 ]
 
 LEDGER_NAME = MANIFEST_NAME  # the ledger's tables live in the manifest file
-LOCK_NAME = ".medgen-batch.lock"
-StepStatus = Literal["pending", "running", "done", "failed"]
-STEP_STATUSES: tuple[str, ...] = ("pending", "running", "done", "failed")
+StepStatus = Literal["pending", "running", "done", "failed", "gated"]
+STEP_STATUSES: tuple[str, ...] = ("pending", "running", "done", "failed", "gated")
 _MAX_REASON_CHARS = 300
 
 _SCHEMA = """
@@ -109,7 +115,10 @@ CREATE TABLE IF NOT EXISTS ledger_runs (
     status TEXT NOT NULL,
     summary TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS ledger_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Columns added after the first release, for ledgers made before them.
+_ADDED_COLUMNS = {"ledger_runs": (("mlflow_run_id", "TEXT"),)}
 _STEP_COLUMNS = (
     "study_key, stage, status, fingerprint, worker, heartbeat, attempts, outputs, metrics,"
     " reason, seconds, run_id, updated"
@@ -186,8 +195,8 @@ class StepState:
 class StudyState:
     """A study's steps in stage order and its overall status.
 
-    ``status``: ``failed`` if a step failed, else ``running`` if one runs, ``done`` when every
-    step is done, else ``pending``.
+    ``status``: ``failed`` if a step failed, else ``running`` if one runs, else ``gated`` if
+    the input gate kept it out, ``done`` when every step is done, else ``pending``.
     """
 
     study_key: str
@@ -198,17 +207,18 @@ class StudyState:
     @property
     def status(self) -> str:
         statuses = [s.status for s in self.steps]
-        for wanted in ("failed", "running"):
+        for wanted in ("failed", "running", "gated"):
             if wanted in statuses:
                 return wanted
         return "done" if statuses and all(s == "done" for s in statuses) else "pending"
 
     @property
     def reason(self) -> str:
-        """``"<stage>: <reason>"`` of the failed step, or ''."""
-        for s in self.steps:
-            if s.status == "failed":
-                return f"{s.stage}: {s.reason}"
+        """``"<stage>: <reason>"`` of the failed (else the gated) step, or ''."""
+        for wanted in ("failed", "gated"):
+            for s in self.steps:
+                if s.status == wanted:
+                    return f"{s.stage}: {s.reason}"
         return ""
 
     @property
@@ -243,6 +253,11 @@ class Ledger:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     @classmethod
     def open(cls, out: str | Path) -> Ledger:
@@ -328,13 +343,25 @@ class Ledger:
                 (time.time(), status, json.dumps(summary, sort_keys=True), run_id),
             )
 
+    def set_mlflow_run(self, run_id: str, mlflow_run_id: str) -> None:
+        """Record the MLflow run that batch run ``run_id`` logs to."""
+        with self._transaction() as db:
+            db.execute("UPDATE ledger_runs SET mlflow_run_id=? WHERE run_id=?", (mlflow_run_id, run_id))
+
+    def batch_id(self) -> str:
+        """This output folder's batch id (random, made on first use, never changes)."""
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO ledger_info (key, value) VALUES ('batch_id', ?)",
+                       (secrets.token_hex(8),))
+            return db.execute("SELECT value FROM ledger_info WHERE key='batch_id'").fetchone()[0]
+
     def runs(self) -> list[dict[str, Any]]:
         """Every run, oldest first, as dicts (``summary`` decoded)."""
         rows = self._db.execute(
-            "SELECT run_id, pid, host, started, finished, status, summary FROM ledger_runs"
+            "SELECT run_id, pid, host, started, finished, status, summary, mlflow_run_id FROM ledger_runs"
             " ORDER BY started"
         ).fetchall()
-        keys = ("run_id", "pid", "host", "started", "finished", "status", "summary")
+        keys = ("run_id", "pid", "host", "started", "finished", "status", "summary", "mlflow_run_id")
         out = [dict(zip(keys, r)) for r in rows]
         for r in out:
             r["summary"] = json.loads(r["summary"] or "{}")
@@ -398,12 +425,36 @@ class Ledger:
                 (fingerprint, reason, seconds, time.time(), study_key, stage),
             )
 
+    def mark_gated(
+        self,
+        study_key: str,
+        stage: str,
+        *,
+        fingerprint: str,
+        reason: str,
+        metrics: dict[str, Any] | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """The input gate kept the study out of ``stage`` (policy ``skip``): no outputs, the
+        verdict in ``metrics`` and ``reason``. Stays so until the stage's fingerprint changes
+        (another gate model or policy); ``retry_failed`` leaves it alone."""
+        reason = one_line(reason)
+        if not reason:
+            raise ValueError("`reason` must say why the gate kept the study out, got ''")
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE ledger_steps SET status='gated', fingerprint=?, worker=NULL, heartbeat=NULL,"
+                " outputs='[]', metrics=?, reason=?, seconds=?, updated=? WHERE study_key=? AND stage=?",
+                (fingerprint, json.dumps(metrics or {}, sort_keys=True), reason, seconds, time.time(),
+                 study_key, stage),
+            )
+
     def mark_pending(self, study_key: str, stage: str, reason: str = "") -> None:
-        """Put a step back to ``pending`` (its outputs are no longer trusted)."""
+        """Put a step back to ``pending`` (its outputs and metrics are no longer trusted)."""
         with self._transaction() as db:
             db.execute(
                 "UPDATE ledger_steps SET status='pending', worker=NULL, heartbeat=NULL,"
-                " outputs='[]', reason=?, updated=? WHERE study_key=? AND stage=?",
+                " outputs='[]', metrics='{}', reason=?, updated=? WHERE study_key=? AND stage=?",
                 (one_line(reason), time.time(), study_key, stage),
             )
 
@@ -476,7 +527,8 @@ class Ledger:
         return list(out.values())
 
     def counts(self, stages: Sequence[str] | None = None) -> dict[str, int]:
-        """Studies by overall status: ``done``, ``running``, ``failed``, ``pending``, ``total``."""
+        """Studies by overall status: ``done``, ``running``, ``failed``, ``gated``, ``pending``,
+        ``total``."""
         out = {s: 0 for s in STEP_STATUSES}
         studies = self.studies(stages)
         for s in studies:
@@ -491,99 +543,6 @@ def _step_from_row(row: tuple) -> StepState:
     outs = tuple((str(n), int(s), str(h)) for n, s, h in json.loads(outputs or "[]"))
     return StepState(key, stage, status, fp, worker, beat, int(attempts), outs,
                      json.loads(metrics or "{}"), reason, seconds, run_id, float(updated))
-
-
-class BatchLock:
-    """An exclusive lock on an output folder that dies with its holder.
-
-    ``fcntl.flock`` on ``OUT/.medgen-batch.lock``: the kernel releases it when the holding
-    process exits in any way (SIGKILL included), so a crashed run never blocks the next
-    one, while a live run refuses a second one with a message naming its pid, host and
-    start time (written into the lock file). On systems without ``fcntl`` the lock file's
-    pid is checked for life instead.
-    """
-
-    def __init__(self, out: str | Path) -> None:
-        self.path = Path(out) / LOCK_NAME
-        self._handle = None
-
-    def acquire(self) -> BatchLock:
-        """Take the lock or raise :class:`medgen.errors.InputError` naming the holder."""
-        from medgen.errors import InputError
-
-        handle = open(self.path, "a+b")
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder_text(self.path)
-                handle.close()
-                raise InputError(
-                    self.path.parent,
-                    f"another medgen batch{holder} is writing to this folder; wait for it to "
-                    "finish or stop it, then run again",
-                ) from None
-        else:  # pragma: no cover - Windows
-            info = _read_holder(self.path)
-            if info and info.get("host") == socket.gethostname() and _pid_alive(info.get("pid", 0)):
-                handle.close()
-                raise InputError(self.path.parent, f"another medgen batch{_holder_text(self.path)} "
-                                 "is writing to this folder")
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now()}
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps(holder).encode())
-        handle.flush()
-        self._handle = handle
-        return self
-
-    def release(self) -> None:
-        """Drop the lock (also happens when the process dies)."""
-        if self._handle is None:
-            return
-        self._handle.seek(0)
-        self._handle.truncate()  # nobody holds it now: `medgen status` must not name a pid
-        self._handle.flush()
-        try:
-            import fcntl
-
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
-        except ImportError:  # pragma: no cover - Windows
-            pass
-        self._handle.close()
-        self._handle = None
-
-    def __enter__(self) -> BatchLock:
-        return self.acquire()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
-
-def _read_holder(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return {}
-
-
-def _holder_text(path: Path) -> str:
-    info = _read_holder(path)
-    if not info:
-        return ""
-    return f" (pid {info.get('pid')} on {info.get('host')}, started {info.get('started')})"
-
-
-def _pid_alive(pid: int) -> bool:  # pragma: no cover - Windows fallback only
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 @contextmanager

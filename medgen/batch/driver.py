@@ -3,20 +3,26 @@
 The driver is the only process that writes the run ledger (:mod:`medgen.archive.ledger`):
 
 1. take the output folder's lock (a second run is refused; a crashed one never blocks);
-2. scan the archive like ``medgen ingest`` (pseudonymous study keys, input fingerprints),
-   record its files in the manifest and its studies in the ledger; steps left ``running``
+2. scan the archive like ``medgen ingest`` and group its series into studies by
+   StudyInstanceUID (:mod:`medgen.batch.studies`: pseudonymous study keys, input
+   fingerprints), record its files in the manifest and its studies in the ledger; steps left ``running``
    by a dead run are taken back, leftover temporary files removed;
 3. decide per study which stages must run: a stage is redone when it is not done, its
    fingerprint (settings, model, inputs) changed, or one of its recorded outputs is missing
-   or has the wrong size; failed steps stay failed unless ``retry_failed``;
+   or has the wrong size; failed steps stay failed unless ``retry_failed``; studies the
+   input gate kept out (``gated``) stay so until the gate's model or policy changes;
 4. hand studies to an executor (local processes or Ray actors) and record every stage as
-   it ends; a study whose worker dies is given once more to a fresh worker, then failed;
+   it ends; a study whose worker dies is given once more to a fresh worker, then failed
+   (a worker holds several studies at once: those it had begun run alone from then on, and
+   a death is charged to a study only when it was the one study its worker had begun);
 5. write ``OUT/studies.csv`` and ``OUT/report.html`` and log one MLflow run for the batch
-   with both as artifacts (never one run per study).
+   with both as artifacts (never one run per study); a restart after a kill continues the
+   killed start's run (:mod:`medgen.batch.tracking`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import sys
@@ -32,7 +38,7 @@ from medgen.batch.work import STUDIES_DIR, StudyTask, study_dir
 from medgen.errors import InputError
 
 EXECUTORS = ("local", "ray")
-DEPENDS_ON = {"ingest": None, "enhance": "ingest", "export": "enhance", "metrics": "enhance"}
+DEPENDS_ON = {"ingest": None, "enhance": "ingest", "export": "enhance", "metrics": "enhance", "synthesize": None}
 
 
 @dataclass
@@ -46,6 +52,8 @@ class BatchSummary:
     done_now: int = 0
     failed_now: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (study key, "stage: reason")
+    gated_now: int = 0
+    gated: list[tuple[str, str]] = field(default_factory=list)  # kept out by the input gate: (key, "stage: reason")
     pending: int = 0
     broken_files: int = 0
     retried: int = 0
@@ -57,25 +65,30 @@ class BatchSummary:
 
     @property
     def studies_per_second(self) -> float:
-        return (self.done_now + self.failed_now) / self.seconds if self.seconds > 0 else 0.0
+        return (self.done_now + self.failed_now + self.gated_now) / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
-        """0 every study done; 3 some failed (each with its reason); 4 no study found."""
+        """0 every study done (or kept out by the input gate, by policy); 3 some failed (each
+        with its reason); 4 no study found."""
         if self.total == 0:
             return 4
         return 3 if self.failed else 0
 
     def lines(self) -> list[str]:
         """The closing summary, one fact per line."""
-        if self.done_now == 0 and self.failed_now == 0 and not self.interrupted:
+        if self.done_now == 0 and self.failed_now == 0 and self.gated_now == 0 and not self.interrupted:
             head = f"nothing to do: {self.done_before} of {self.total} studies already done"
             if self.failed:
                 head += f", {len(self.failed)} failed before (--retry-failed runs them again)"
+            if self.gated:
+                head += f", {len(self.gated)} kept out by the input gate (a new gate model or policy runs them again)"
         else:
-            head = (f"{self.done_now} studies done, {self.failed_now} failed in {self.seconds:.1f} s "
+            gated = f", {self.gated_now} gated out" if self.gated_now else ""
+            head = (f"{self.done_now} studies done, {self.failed_now} failed{gated} in {self.seconds:.1f} s "
                     f"({self.studies_per_second:.2f} studies/s); {self.done_before} were already done")
-        out = [head, f"total: {self.total} studies, {len(self.failed)} failed, {self.pending} pending"]
+        gated = f", {len(self.gated)} gated out" if self.gated else ""
+        out = [head, f"total: {self.total} studies, {len(self.failed)} failed{gated}, {self.pending} pending"]
         if self.taken_back:
             out.append(f"{self.taken_back} studies left running by an earlier run were taken back")
         if self.broken_files:
@@ -87,7 +100,7 @@ class BatchSummary:
 
 def run_batch(
     pipeline: str | Path | BatchPipeline,
-    src: str | Path,
+    src: str | Path | None,
     out: str | Path,
     *,
     workers: int = 1,
@@ -100,6 +113,7 @@ def run_batch(
     heartbeat_s: float = 5.0,
     max_attempts: int = 2,
     on_event: Callable[[str, str], None] | None = None,
+    overlap_io: bool = True,
 ) -> BatchSummary:
     """Run ``pipeline`` over every study under ``src``, writing to ``out``.
 
@@ -108,7 +122,8 @@ def run_batch(
     pipeline : path or BatchPipeline
         A batch pipeline file (see :mod:`medgen.batch.spec`).
     src, out : path
-        The archive (only read) and the output folder (created; holds the ledger).
+        The archive (only read; None for a synthesis pipeline) and the output folder
+        (created; holds the ledger).
     workers : int
         Worker processes (local) or actors (Ray).
     executor : {"local", "ray"}
@@ -118,6 +133,9 @@ def run_batch(
         Log the batch to MLflow (one run).
     max_attempts : int
         How many workers a study may take down before it is failed.
+    overlap_io : bool
+        Local workers read the next study and write the last one while the model works
+        (:mod:`medgen.batch.local`); False runs each study's stages one after the other.
 
     Raises
     ------
@@ -133,20 +151,29 @@ def run_batch(
     if not isinstance(pipeline, BatchPipeline):
         pipeline_path = Path(pipeline)
         pipeline = load_batch_pipeline(pipeline_path)
+    if pipeline.is_synthesis and src is not None:
+        raise InputError(src, "a synthesis pipeline reads no archive: leave out the input folder")
+    if not pipeline.is_synthesis and src is None:
+        raise InputError(pipeline_path or pipeline.name, "this pipeline enhances an archive: give its folder")
     src_path, out_path = _check_folders(src, out)
     started = time.perf_counter()
     summary = BatchSummary(out=out_path, run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3))
     with BatchLock(out_path), Ledger.open(out_path) as ledger:
         plan = _plan(pipeline, src_path, out_path, ledger, summary, retry_failed)
         ledger.begin_run(summary.run_id)
-        tracker_run = _start_tracking(pipeline, pipeline_path, summary, workers, executor, tracking_uri) if track else None
+        tracker_run = None
+        if track:
+            from medgen.batch.tracking import start_batch_run
+
+            tracker_run = start_batch_run(ledger, pipeline, pipeline_path, summary, workers, executor, tracking_uri)
         status = "interrupted"
         try:
-            ex = _make_executor(pipeline, executor, workers, heartbeat_s, ray_address)
-            try:
-                _Scheduler(ledger, ex, plan, summary, max_attempts, progress, on_event).run()
-            finally:
-                ex.close()
+            if plan.todo:  # nothing to do: no workers to start (they import torch and load models)
+                ex = _make_executor(pipeline, executor, workers, heartbeat_s, ray_address, overlap_io)
+                try:
+                    _Scheduler(ledger, ex, plan, summary, max_attempts, progress, on_event).run()
+                finally:
+                    ex.close()
             status = "finished"
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -155,18 +182,20 @@ def run_batch(
             summary.seconds = time.perf_counter() - started
             _finish(ledger, pipeline, summary, status)
             if tracker_run is not None:
-                _end_tracking(tracker_run, summary, status)
+                from medgen.batch.tracking import end_batch_run
+
+                end_batch_run(tracker_run, summary, status)
     return summary
 
 
-def _check_folders(src: str | Path, out: str | Path) -> tuple[Path, Path]:
-    src_path = Path(os.path.realpath(src))
-    if not src_path.is_dir():
+def _check_folders(src: str | Path | None, out: str | Path) -> tuple[Path | None, Path]:
+    src_path = None if src is None else Path(os.path.realpath(src))
+    if src_path is not None and not src_path.is_dir():
         raise InputError(src, "no such folder (give the folder that holds the archive)")
     out_path = Path(os.path.realpath(out))
     if out_path.exists() and not out_path.is_dir():
         raise InputError(out, "output exists and is not a folder")
-    if out_path == src_path or src_path in out_path.parents:
+    if src_path is not None and (out_path == src_path or src_path in out_path.parents):
         raise InputError(out, "the output folder must lie outside the input archive (inputs are never written to)")
     out_path.mkdir(parents=True, exist_ok=True)
     return src_path, out_path
@@ -180,42 +209,40 @@ class _Plan:
 
 def _plan(pipeline: BatchPipeline, src: Path, out: Path, ledger: Ledger, summary: BatchSummary,
           retry_failed: bool) -> _Plan:
-    """Scan the archive, sync the ledger, and list the work still to do."""
-    from medgen.archive.manifest import Manifest
+    """Scan the archive (or list the samples to make), sync the ledger, and list the work
+    still to do."""
     from medgen.stages.ingest import remove_stale_temp_files
-    from medgen.stages.ingest_plan import plan_ingest
 
-    ingest = pipeline.settings("ingest")
-    scan = plan_ingest(src, out, keep_phi=ingest.keep_phi, max_image_mb=ingest.max_image_mb)
-    with Manifest.open(out) as manifest:
-        manifest.record_files(scan.records)
-    summary.broken_files = sum(r.fate == "quarantined" and not r.series_key for r in scan.records)
+    studies = _find_studies(pipeline, src, out, summary)
     stages = pipeline.stage_names
-    entries = [StudyEntry(t.key, t.kind, len(t.files), t.fingerprint) for t in scan.tasks]
-    ledger.sync_studies(entries, stages)
+    ledger.sync_studies([StudyEntry(t.key, t.kind, t.n_files, t.fingerprint) for t in studies], stages)
     summary.taken_back = len(ledger.reclaim_stale(not_run=summary.run_id))
     if retry_failed:
         summary.retried = ledger.retry_failed()
-    model_id = model_identity(pipeline.settings("enhance").model)
+    settings = pipeline.model_settings()
+    model_id = model_identity(settings.model)
+    gate = getattr(settings, "gate", None)
+    gate_id = model_identity(gate.model) if gate is not None else None
     steps = {s.study_key: {st.stage: st for st in s.steps} for s in ledger.studies(stages)}
     todo: deque = deque()
-    summary.total = len(scan.tasks)
-    for task in scan.tasks:
+    summary.total = len(studies)
+    for task in studies:
         folder = study_dir(out, task.key)
         if folder.is_dir():
             remove_stale_temp_files(folder)
-        fps = stage_fingerprints(pipeline, task.fingerprint, model_id)
+        fps = stage_fingerprints(pipeline, task.fingerprint, model_id, gate_id)
         rerun: list[str] = []
         for stage in stages:
             st = steps[task.key][stage]
             upstream = DEPENDS_ON[stage]
             current = st.status == "done" and st.fingerprint == fps[stage] and st.outputs_intact(out)
-            failed_same = st.status == "failed" and st.fingerprint == fps[stage]
-            if upstream in rerun or (not current and not failed_same):
+            # Failed, or kept out by the gate: the same inputs and settings would end the same way.
+            stopped_same = st.status in ("failed", "gated") and st.fingerprint == fps[stage]
+            if upstream in rerun or (not current and not stopped_same):
                 rerun.append(stage)
-            elif failed_same:
-                break  # the same inputs would fail the same way; later stages wait
-        if any(steps[task.key][s].status == "failed" and s not in rerun for s in stages):
+            elif stopped_same:
+                break  # later stages wait
+        if any(steps[task.key][s].status in ("failed", "gated") and s not in rerun for s in stages):
             continue
         if not rerun:
             summary.done_before += 1
@@ -223,11 +250,27 @@ def _plan(pipeline: BatchPipeline, src: Path, out: Path, ledger: Ledger, summary
         volumes: tuple[str, ...] = ()
         if "ingest" not in rerun:
             volumes = tuple(n for n, _, _ in steps[task.key]["ingest"].outputs if n.endswith(".nii.gz"))
-        todo.append(StudyTask(task.key, task, str(out), tuple(rerun), fps, volumes))
+        todo.append(StudyTask(task.key, task.series, str(out), tuple(rerun), fps, volumes, task.sample))
     return _Plan(stages, todo)
 
 
-def _make_executor(pipeline: BatchPipeline, executor: str, workers: int, heartbeat_s: float, ray_address):
+def _find_studies(pipeline: BatchPipeline, src: Path | None, out: Path, summary: BatchSummary) -> tuple:
+    """The archive's studies, its files recorded in the manifest; or the samples to make."""
+    from medgen.archive.manifest import Manifest
+    from medgen.batch.studies import scan_archive, synthetic_studies
+
+    if pipeline.is_synthesis:
+        return synthetic_studies(pipeline)
+    ingest = pipeline.settings("ingest")
+    scan = scan_archive(src, out, keep_phi=ingest.keep_phi, max_image_mb=ingest.max_image_mb)
+    with Manifest.open(out) as manifest:
+        manifest.record_files(scan.records)
+    summary.broken_files = sum(r.fate == "quarantined" and not r.series_key for r in scan.records)
+    return scan.studies
+
+
+def _make_executor(pipeline: BatchPipeline, executor: str, workers: int, heartbeat_s: float, ray_address,
+                   overlap_io: bool = True):
     if executor == "ray":
         from medgen.batch.ray_executor import RayExecutor
 
@@ -235,7 +278,7 @@ def _make_executor(pipeline: BatchPipeline, executor: str, workers: int, heartbe
     else:
         from medgen.batch.local import LocalExecutor
 
-        ex = LocalExecutor(pipeline, workers, heartbeat_s=heartbeat_s)
+        ex = LocalExecutor(pipeline, workers, heartbeat_s=heartbeat_s, overlap=overlap_io)
     ex.start()
     return ex
 
@@ -251,7 +294,11 @@ class _Scheduler:
         self.tasks: dict[str, StudyTask] = {}
         self.remaining: dict[str, list[str]] = {}  # stages not yet reported, per study in flight
         self.deaths: dict[str, int] = {}
-        self.running_on: dict[str, str] = {}  # worker -> the study it works on
+        self.started_on: dict[str, list[str]] = {}  # worker -> the studies it has begun, oldest first
+        self.held_by: dict[str, set[str]] = {}  # worker -> the studies given to it, not finished
+        # Studies in hand when a worker died: each runs alone on a worker from then on, so
+        # that a death can be charged to the study that caused it.
+        self.isolated: set[str] = set()
         self.progress = _Progress(len(plan.todo), enabled=progress)
 
     def run(self) -> None:
@@ -279,7 +326,13 @@ class _Scheduler:
         for wid in self.ex.free_slots():
             if not self.plan.todo:
                 return
-            task = self.plan.todo.popleft()
+            held = self.held_by.setdefault(wid, set())
+            if held & self.isolated:
+                continue
+            task = self._next_for(empty=not held)
+            if task is None:
+                continue
+            held.add(task.key)
             for stage in task.stages:  # outputs of stages about to be redone are no longer trusted
                 self.ledger.mark_pending(task.key, stage, f"queued on {wid}")
             self.tasks[task.key] = task
@@ -290,7 +343,7 @@ class _Scheduler:
         task = self.tasks.get(key)
         if task is None:
             return
-        self.running_on[wid] = key
+        self.started_on.setdefault(wid, []).append(key)
         stage = self.remaining[key][0]
         self.ledger.mark_running(key, stage, worker=wid, fingerprint=task.fingerprints[stage],
                                  run_id=self.summary.run_id)
@@ -302,6 +355,12 @@ class _Scheduler:
         if outcome.ok:
             self.ledger.mark_done(key, outcome.stage, fingerprint=outcome.fingerprint, outputs=outcome.outputs,
                                   metrics=outcome.metrics, seconds=outcome.seconds)
+            if outcome.metrics.get("gate") == "out":  # policy warn: enhanced, but say so loudly
+                self.progress.note(f"WARNING: input gate: study {key} is OUT ({outcome.metrics.get('gate_reason')}); "
+                                   "enhanced anyway (gate policy warn)")
+        elif outcome.gated:
+            self.ledger.mark_gated(key, outcome.stage, fingerprint=outcome.fingerprint, reason=outcome.reason,
+                                   metrics=outcome.metrics, seconds=outcome.seconds)
         else:
             self.ledger.mark_failed(key, outcome.stage, fingerprint=outcome.fingerprint,
                                     reason=outcome.reason, seconds=outcome.seconds)
@@ -312,7 +371,10 @@ class _Scheduler:
             task = self.tasks[key]
             self.ledger.mark_running(key, rest[0], worker=wid, fingerprint=task.fingerprints[rest[0]],
                                      run_id=self.summary.run_id)
-        if not outcome.ok:
+        if outcome.gated:
+            self.summary.gated_now += 1  # listed with the failures at the end
+            self.on_event("gated", key)
+        elif not outcome.ok:
             self.summary.failed_now += 1
             self.summary.failed.append((key, f"{outcome.stage}: {outcome.reason}"))
             self.on_event("failed", key)
@@ -321,7 +383,9 @@ class _Scheduler:
         task = self.tasks.pop(key, None)
         if task is None:
             return
-        self.running_on = {w: k for w, k in self.running_on.items() if k != key}
+        for keys in (*self.started_on.values(), *self.held_by.values()):
+            if key in keys:
+                keys.remove(key)
         rest = self.remaining.pop(key)
         step = self.ledger.step(key, task.stages[-1])
         if not rest and step is not None and step.status == "done":
@@ -331,16 +395,28 @@ class _Scheduler:
             self.ledger.mark_pending(key, rest[0], "stopped after a failed stage")
         self.progress.advance()
 
+    def _next_for(self, *, empty: bool) -> StudyTask | None:
+        """The next study for a worker: any when it holds none, else the first that need not run alone."""
+        if empty:
+            return self.plan.todo.popleft()
+        for i, task in enumerate(self.plan.todo):
+            if task.key not in self.isolated:
+                del self.plan.todo[i]
+                return task
+        return None
+
     def _died(self, wid: str, keys: list[str], why: str) -> None:
-        running = self.running_on.pop(wid, None)
+        begun = self.started_on.pop(wid, [])
+        self.held_by.pop(wid, None)
         for key in keys:
             task = self.tasks.pop(key, None)
             rest = self.remaining.pop(key, None)
             if task is None or not rest:
                 continue
-            remaining_task = StudyTask(task.key, task.series, task.out, tuple(rest), task.fingerprints,
-                                       self._volumes(task, rest))
-            if key == running:  # the study it was working on (the others were waiting)
+            remaining_task = dataclasses.replace(task, stages=tuple(rest), volumes=self._volumes(task, rest))
+            if key in begun:
+                self.isolated.add(key)
+            if begun == [key]:  # it was the only study the worker had begun: the death is its doing
                 self.deaths[key] = self.deaths.get(key, 0) + 1
                 if self.deaths[key] >= self.max_attempts:
                     times = "once" if self.deaths[key] == 1 else f"{self.deaths[key]} times"
@@ -392,6 +468,13 @@ class _Progress:
         eta = (self.total - self._n) / rate if rate > 0 else float("nan")
         self._bar.update(self._job, advance=1, rate=f"{rate:.2f} studies/s, ETA {_duration(eta)}")
 
+    def note(self, line: str) -> None:
+        """One line on stderr (above the bar when there is one)."""
+        if self._bar is not None:
+            self._bar.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
@@ -410,63 +493,17 @@ def _finish(ledger: Ledger, pipeline: BatchPipeline, summary: BatchSummary, stat
 
     counts = ledger.counts(pipeline.stage_names)
     summary.pending = counts["pending"] + counts["running"]
-    summary.failed = [(s.study_key, s.reason) for s in ledger.studies(pipeline.stage_names) if s.status == "failed"]
+    studies = ledger.studies(pipeline.stage_names)
+    summary.failed = [(s.study_key, s.reason) for s in studies if s.status == "failed"]
+    summary.gated = [(s.study_key, s.reason) for s in studies if s.status == "gated"]
     try:
         write_study_table(ledger, pipeline, summary.out)
         summary.report = write_report(ledger, pipeline, summary)
     except OSError as exc:  # a full disk must not hide the run's outcome
         print(f"medgen batch: could not write the report ({exc})", file=sys.stderr)
     ledger.end_run(summary.run_id, status, {"done_now": summary.done_now, "failed_now": summary.failed_now,
-                                            "seconds": round(summary.seconds, 3), **counts})
-
-
-def _start_tracking(pipeline, pipeline_path, summary, workers, executor, tracking_uri):
-    from medgen.tracking import Tracker
-
-    tracker = Tracker(pipeline.experiment, uri=tracking_uri)
-    run_id = tracker.start_run(f"batch:{pipeline.name} ({summary.total} studies, {executor} x{workers})",
-                               tags={"medgen.kind": "batch", "medgen.stage": "batch"})
-    tracker.log_params(run_id, {"pipeline.name": pipeline.name, "pipeline.stages": ",".join(pipeline.stage_names),
-                                "executor": executor, "workers": workers, "studies.total": summary.total,
-                                "studies.done_before": summary.done_before, "batch.run_id": summary.run_id})
-    if pipeline_path is not None:
-        tracker.log_artifact(run_id, pipeline_path)
-    summary.mlflow_run_id = run_id
-    return tracker, run_id
-
-
-def _end_tracking(tracker_run, summary: BatchSummary, status: str) -> None:
-    tracker, run_id = tracker_run
-    tracker.log_metrics(run_id, {"studies_done": summary.done_now, "studies_failed": len(summary.failed),
-                                 "studies_pending": summary.pending, "studies_per_second": summary.studies_per_second,
-                                 "seconds": summary.seconds})
-    for name in ("studies.csv", "report.html"):
-        if (summary.out / name).is_file():
-            tracker.log_artifact(run_id, summary.out / name)
-    if (summary.out / "studies.csv").is_file():
-        tracker.log_table(run_id, _study_table(summary.out / "studies.csv"), "studies.json")
-    tracker.end_run(run_id, "FINISHED" if status == "finished" else "KILLED")
-
-
-def _study_table(path: Path) -> dict[str, list]:
-    """``studies.csv`` as columns for MLflow's table view: timings and metrics as numbers,
-    blanks as None; keys, status and reasons stay text (a key may look like a number)."""
-    import csv
-
-    def cell(column: str, text: str):
-        if text == "":
-            return None
-        if column in ("study", "kind", "status", "reason"):
-            return text
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        return {k: [cell(k, r[k]) for r in rows] for k in reader.fieldnames or ()}
+                                            "gated_now": summary.gated_now, "seconds": round(summary.seconds, 3),
+                                            **counts})
 
 
 __all__ = ["EXECUTORS", "STUDIES_DIR", "BatchSummary", "run_batch"]

@@ -66,8 +66,7 @@ class RayExecutor:
         self._futures: dict[object, tuple[str, str]] = {}
         self._started: list[tuple] = []
         self._serial = 0
-        enhance = pipeline.settings("enhance")
-        self._gpus = 1 if enhance.device == "cuda" else 0
+        self._gpus = 1 if pipeline.model_settings().device == "cuda" else 0
 
     def start(self) -> None:
         if not self._ray.is_initialized():

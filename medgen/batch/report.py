@@ -2,7 +2,8 @@
 
 The report is one self-contained page (images inlined as base64 PNG, a few lines of inline
 script to sort the table; nothing is fetched from the network): counts, failures with their
-reasons, the per-study table (click a header to sort), montages of a sample of studies
+reasons, studies the input gate kept out (score, z, reason), the per-study table (click a
+header to sort; with a gate, its verdict per study), montages of a sample of studies
 (input / output / difference, each view at least 256 pixels, windows stated) and timing.
 Studies appear under their pseudonymous keys only.
 """
@@ -30,8 +31,14 @@ TABLE_NAME = "studies.csv"
 METRIC_COLUMNS = ("psnr_vs_input", "ssim_vs_input", "mean_abs_change", "sigma_input", "sigma_output")
 
 
-def study_rows(ledger: Ledger, stages) -> list[dict[str, object]]:
-    """One dict per study: key, status, reason, seconds per stage and total, metrics."""
+def _number(value) -> object:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 4)
+
+
+def study_rows(ledger: Ledger, stages, gate: bool = False) -> list[dict[str, object]]:
+    """One dict per study: key, status, reason, seconds per stage and total, metrics; with
+    ``gate``, the input gate's verdict, score and z (a study enhanced although "out" says so
+    in its reason)."""
     rows = []
     for s in ledger.studies(stages):
         row: dict[str, object] = {"study": s.study_key, "kind": s.kind, "status": s.status, "reason": s.reason}
@@ -39,16 +46,24 @@ def study_rows(ledger: Ledger, stages) -> list[dict[str, object]]:
             row[f"{step.stage}_s"] = round(step.seconds, 3) if step.seconds is not None and step.status == "done" else ""
         row["total_s"] = round(s.seconds, 3)
         metrics = s.metrics
+        if gate:
+            row["gate"] = metrics.get("gate", "")
+            row["gate_score"], row["gate_z"] = _number(metrics.get("gate_score")), _number(metrics.get("gate_z"))
+            if s.status == "done" and metrics.get("gate") == "out":
+                row["reason"] = f"input gate: out, enhanced anyway (policy warn): {metrics.get('gate_reason', '')}"
         for m in METRIC_COLUMNS:
-            v = metrics.get(m)
-            row[m] = "" if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
+            row[m] = _number(metrics.get(m))
         rows.append(row)
     return rows
 
 
+def _has_gate(pipeline: BatchPipeline) -> bool:
+    return getattr(pipeline.model_settings(), "gate", None) is not None
+
+
 def write_study_table(ledger: Ledger, pipeline: BatchPipeline, out: Path) -> Path:
     """``OUT/studies.csv``: :func:`study_rows` as CSV (atomically)."""
-    rows = study_rows(ledger, pipeline.stage_names)
+    rows = study_rows(ledger, pipeline.stage_names, _has_gate(pipeline))
     buf = io.StringIO()
     fields = list(rows[0]) if rows else ["study", "status", "reason"]
     writer = csv.DictWriter(buf, fieldnames=fields)
@@ -84,7 +99,8 @@ h1{font-size:22px} h2{font-size:18px;margin-top:28px}
 table{border-collapse:collapse;font-size:13px;background:white}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right} td:first-child,th:first-child{text-align:left;font-family:monospace}
 th{background:#eee;cursor:pointer;user-select:none} th:hover{background:#ddd}
-tr.failed td{background:#fbeaea} .reason{text-align:left}
+tr.failed td{background:#fbeaea} tr.gated td{background:#fdf3dc} .reason{text-align:left}
+.counts .gated{background:#fbeccb}
 figure{display:inline-block;margin:8px;vertical-align:top} figcaption{font-family:monospace}
 """
 _SCRIPT = """
@@ -106,19 +122,27 @@ def render_report(ledger: Ledger, pipeline: BatchPipeline, summary: BatchSummary
     """The report page as a string (see the module docstring)."""
     stages = pipeline.stage_names
     studies = ledger.studies(stages)
-    rows = study_rows(ledger, stages)
+    rows = study_rows(ledger, stages, _has_gate(pipeline))
     counts = ledger.counts(stages)
     esc = html.escape
+    gate = getattr(pipeline.model_settings(), "gate", None)
+    gate_text = ""
+    if gate is not None:
+        from medgen.stages.gating import model_label
+
+        gate_text = f" &middot; input gate: {esc(model_label(gate.model))} (policy {esc(gate.policy)})"
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>medgen batch: {esc(pipeline.name)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>medgen batch: {esc(pipeline.name)}</h1>",
         f"<p>stages: {' &rarr; '.join(esc(s) for s in stages)} &middot; model: "
-        f"{esc(Path(pipeline.settings('enhance').model).name)} &middot; written "
+        f"{esc(Path(pipeline.settings('enhance').model).name)}{gate_text} &middot; written "
         f"{esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>",
         "<div class='counts'>",
         f"<span>{counts['total']} studies</span><span class='done'>{counts['done']} done</span>",
-        f"<span class='failed'>{counts['failed']} failed</span><span>{counts['pending'] + counts['running']} pending</span>",
+        f"<span class='failed'>{counts['failed']} failed</span>",
+        f"<span class='gated'>{counts['gated']} gated out</span>" if gate is not None or counts["gated"] else "",
+        f"<span>{counts['pending'] + counts['running']} pending</span>",
         f"<span>{summary.broken_files} files outside any study</span></div>",
     ]
     parts.append("<h2>Timing</h2><p>")
@@ -139,13 +163,15 @@ def render_report(ledger: Ledger, pipeline: BatchPipeline, summary: BatchSummary
         parts.append("</tbody></table>")
     else:
         parts.append("<p>none</p>")
+    if gate is not None or counts["gated"]:
+        parts.append(_gated_section(studies))
     parts.append("<h2>Studies (click a column to sort)</h2>")
     columns = list(rows[0]) if rows else ["study", "status"]
     parts.append("<table class='sortable' id='studies'><thead><tr>")
     parts.extend(f"<th>{esc(c)}</th>" for c in columns)
     parts.append("</tr></thead><tbody>")
     for row in rows:
-        cls = " class='failed'" if row["status"] == "failed" else ""
+        cls = f" class='{row['status']}'" if row["status"] in ("failed", "gated") else ""
         parts.append(f"<tr{cls}>" + "".join(
             f"<td{' class=reason' if c == 'reason' else ''}>{esc(str(row[c]))}</td>" for c in columns) + "</tr>")
     parts.append("</tbody></table>")
@@ -155,6 +181,24 @@ def render_report(ledger: Ledger, pipeline: BatchPipeline, summary: BatchSummary
         if path.is_file():
             parts.append(f"<figure>{_img_tag(path, key)}<figcaption>{esc(key)} &middot; {esc(path.name)}</figcaption></figure>")
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
+    return "\n".join(parts)
+
+
+def _gated_section(studies: list[StudyState]) -> str:
+    """Studies the input gate kept out (policy skip): score, z and why."""
+    esc = html.escape
+    gated = [s for s in studies if s.status == "gated"]
+    parts = [f"<h2>Kept out by the input gate ({len(gated)})</h2>"]
+    if not gated:
+        parts.append("<p>none</p>")
+        return "\n".join(parts)
+    head = "".join(f"<th>{c}</th>" for c in ("study", "NLL/feature", "z (SD)", "reason"))
+    parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>")
+    for s in gated:
+        m = s.metrics
+        parts.append(f"<tr class='gated'><td>{esc(s.study_key)}</td><td>{esc(str(_number(m.get('gate_score'))))}</td>"
+                     f"<td>{esc(str(_number(m.get('gate_z'))))}</td><td class='reason'>{esc(s.reason)}</td></tr>")
+    parts.append("</tbody></table>")
     return "\n".join(parts)
 
 

@@ -13,8 +13,25 @@
 Stages run in the order ingest -> enhance -> export -> metrics for every study; ``ingest``
 and ``enhance`` are required, ``export`` and ``metrics`` optional. ``enhance.model`` is a
 model file, a training checkpoint, an MLflow URI or ``identity`` (output = input, no torch:
-for checking an archive and the plumbing quickly). Paths are relative to the file. Unknown
-keys and wrong types stop the run before any work, with one line naming the file and key.
+for checking an archive and the plumbing quickly; ``identity_seconds`` makes it wait that
+long per volume, as a GPU model would, for benchmarks). ``enhance.gate: {model: FLOW, policy:
+warn|skip}`` judges every volume with an input gate (a calibrated flow, loaded once per
+worker, like the model) before it is enhanced: ``warn`` enhances it anyway and records the
+verdict in the study's metrics; ``skip`` leaves a study with an "out" volume unenhanced, in
+the ledger state ``gated`` with its score and reason (see :mod:`medgen.stages.gating`).
+Paths are relative to the file. Unknown keys and wrong types stop the run before any work,
+with one line naming the file and key.
+
+A synthesis pipeline has the one stage ``synthesize`` and reads no archive::
+
+    name: synth-t1
+    stages:
+      - synthesize: {model: ../runs/ldm/model.pt, n_per_condition: 50,
+                     conditions: [{label: 0, age_years: 70}, {label: 1, age_years: 70}], seed: 0}
+
+Each sample is a "study" of the ledger (kind ``synthetic``, key ``synthetic-<condition>-<i>``)
+and is done, failed or pending like any study: a killed run resumes, and raising
+``n_per_condition`` or adding a condition makes only the new samples.
 """
 
 from __future__ import annotations
@@ -27,8 +44,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medgen.errors import ConfigError
+from medgen.stages.gating import GateOption, is_uri, resolve_model_path
 
 STAGE_ORDER = ("ingest", "enhance", "export", "metrics")
+SYNTHESIS_STAGE = "synthesize"  # a pipeline of its own: no archive, one "study" per sample
+ALL_STAGES = (*STAGE_ORDER, SYNTHESIS_STAGE)
 IDENTITY_MODEL = "identity"
 
 
@@ -51,6 +71,16 @@ class BatchEnhance(_Step):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     seed: int = 0
+    gate: GateOption | None = None  # judge each volume first (loaded once per worker)
+    # With model identity: seconds each volume takes, as if a model ran. The wait leaves the
+    # CPU free, as a GPU model does: for benchmarks and for checking the plumbing.
+    identity_seconds: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _identity_only(self) -> BatchEnhance:
+        if self.identity_seconds and self.model != IDENTITY_MODEL:
+            raise ValueError(f"`identity_seconds` is for model {IDENTITY_MODEL} only, got model {self.model!r}")
+        return self
 
 
 class BatchExport(_Step):
@@ -67,6 +97,29 @@ class BatchMetrics(_Step):
     foreground: bool = True
 
 
+class BatchSynthesize(_Step):
+    """Synthetic volumes from a generative model (latent diffusion, or a flow over whole
+    latent grids), ``n_per_condition`` for each condition: sample ``i`` of every condition
+    draws its noise from ``(seed, i)``, so a killed run regenerates exactly what it lost."""
+
+    model: str
+    conditions: list[dict[str, int | float | str]] = Field(default_factory=lambda: [{}], min_length=1)
+    n_per_condition: int = Field(1, ge=1)
+    seed: int = 0
+    sampler: str | None = None
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = None
+    temperature: float | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> BatchSynthesize:
+        texts = [json.dumps(c, sort_keys=True) for c in self.conditions]
+        if len(set(texts)) != len(texts):
+            raise ValueError(f"`conditions` lists a condition twice: {self.conditions}")
+        return self
+
+
 class BatchStage(_Step):
     """One list item: exactly one stage name mapping to its settings."""
 
@@ -74,17 +127,18 @@ class BatchStage(_Step):
     enhance: BatchEnhance | None = None
     export: BatchExport | None = None
     metrics: BatchMetrics | None = None
+    synthesize: BatchSynthesize | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BatchStage:
-        named = [n for n in STAGE_ORDER if getattr(self, n) is not None]
+        named = [n for n in ALL_STAGES if getattr(self, n) is not None]
         if len(named) != 1:
-            raise ValueError(f"each stage names exactly one of {', '.join(STAGE_ORDER)}; got {named or 'none'}")
+            raise ValueError(f"each stage names exactly one of {', '.join(ALL_STAGES)}; got {named or 'none'}")
         return self
 
     @property
     def kind(self) -> str:
-        return next(n for n in STAGE_ORDER if getattr(self, n) is not None)
+        return next(n for n in ALL_STAGES if getattr(self, n) is not None)
 
 
 class BatchReport(_Step):
@@ -106,6 +160,10 @@ class BatchPipeline(_Step):
         kinds = [s.kind for s in self.stages]
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"`stages` names a stage twice: {kinds}")
+        if SYNTHESIS_STAGE in kinds:
+            if kinds != [SYNTHESIS_STAGE]:
+                raise ValueError(f"a synthesis pipeline has one stage, `{SYNTHESIS_STAGE}`; got {' -> '.join(kinds)}")
+            return self
         if kinds != sorted(kinds, key=STAGE_ORDER.index):
             raise ValueError(f"`stages` must run in the order {' -> '.join(STAGE_ORDER)}, got {' -> '.join(kinds)}")
         for needed in ("ingest", "enhance"):
@@ -117,6 +175,15 @@ class BatchPipeline(_Step):
     def stage_names(self) -> tuple[str, ...]:
         return tuple(s.kind for s in self.stages)
 
+    @property
+    def is_synthesis(self) -> bool:
+        """Makes synthetic volumes (no archive) instead of enhancing an archive."""
+        return self.stage_names == (SYNTHESIS_STAGE,)
+
+    def model_settings(self) -> BatchEnhance | BatchSynthesize:
+        """The settings of the stage that holds the model (``enhance`` or ``synthesize``)."""
+        return self.settings(SYNTHESIS_STAGE if self.is_synthesis else "enhance")
+
     def settings(self, stage: str) -> _Step | None:
         """The settings of ``stage``, or None when the pipeline does not run it."""
         for s in self.stages:
@@ -126,7 +193,7 @@ class BatchPipeline(_Step):
 
 
 def load_batch_pipeline(path: str | Path) -> BatchPipeline:
-    """Read and validate a batch pipeline file; a relative model path becomes absolute."""
+    """Read and validate a batch pipeline file; relative model paths become absolute."""
     import yaml
 
     from medgen.config import format_validation_error
@@ -140,19 +207,17 @@ def load_batch_pipeline(path: str | Path) -> BatchPipeline:
         pipeline = BatchPipeline.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from None
-    enhance = pipeline.settings("enhance")
-    model = enhance.model
-    if model != IDENTITY_MODEL and "://" not in model and not model.startswith(("runs:", "models:")):
-        resolved = Path(model).expanduser()
-        if not resolved.is_absolute():
-            resolved = (path.resolve().parent / resolved).resolve()
-        enhance.model = str(resolved)
+    settings = pipeline.model_settings()
+    base = path.resolve().parent
+    settings.model = resolve_model_path(settings.model, base)
+    if getattr(settings, "gate", None) is not None:
+        settings.gate.model = resolve_model_path(settings.gate.model, base)
     return pipeline
 
 
 def model_identity(model: str) -> str:
     """What identifies a model for fingerprints: a local file's SHA-256, else the URI."""
-    if model == IDENTITY_MODEL or model.startswith(("runs:", "models:")) or "://" in model:
+    if model == IDENTITY_MODEL or is_uri(model):
         return model
     path = Path(model)
     if path.is_dir():
@@ -167,19 +232,31 @@ def model_identity(model: str) -> str:
         return model
 
 
-def stage_fingerprints(pipeline: BatchPipeline, input_fingerprint: str, model_id: str) -> dict[str, str]:
+def stage_fingerprints(pipeline: BatchPipeline, input_fingerprint: str, model_id: str,
+                       gate_id: str | None = None) -> dict[str, str]:
     """One fingerprint per stage: its settings and everything upstream of it.
 
-    Changing a stage's settings (or the model, for ``enhance``) changes its fingerprint and
-    those of the stages after it, so only what it affects is redone.
+    Changing a stage's settings (or the model or the gate's model, for ``enhance``) changes
+    its fingerprint and those of the stages after it, so only what it affects is redone.
+    ``gate_id``: :func:`model_identity` of the gate's model (when the pipeline has a gate).
     """
     out: dict[str, str] = {}
     upstream = input_fingerprint
     for stage in pipeline.stage_names:
         settings = pipeline.settings(stage).model_dump(mode="json")
-        if stage == "enhance":
+        if stage in ("enhance", SYNTHESIS_STAGE):
             settings["model"] = model_id
             settings.pop("device", None)  # where it runs does not change what it gives
+        if stage == SYNTHESIS_STAGE:  # a sample's own condition and index are its input fingerprint:
+            settings.pop("conditions")  # more conditions or samples add studies, they redo none
+            settings.pop("n_per_condition")
+        if stage == "enhance":
+            if settings.get("gate") is None:
+                settings.pop("gate", None)  # fingerprints of pipelines without a gate stay as they were
+            else:
+                settings["gate"]["model"] = gate_id or settings["gate"]["model"]
+            if not settings.get("identity_seconds"):
+                settings.pop("identity_seconds", None)  # the same for a plain identity model
         text = json.dumps({"stage": stage, "settings": settings, "upstream": upstream}, sort_keys=True)
         out[stage] = hashlib.sha256(text.encode()).hexdigest()[:32]
         if stage in ("ingest", "enhance"):

@@ -1,6 +1,7 @@
 """``medgen status OUT``: what the ledger of a batch output folder says, read-only.
 
-Done / running / failed (with reasons) / pending studies, whether a batch is running now,
+Done / running / failed (with reasons) / gated (kept out by the input gate, with score and
+reason) / pending studies, whether a batch is running now,
 and the latest run's throughput and ETA. Opens the ledger for reading only; never takes
 the batch lock, so it is safe while a batch runs.
 """
@@ -26,6 +27,7 @@ class BatchStatus:
     out: Path
     counts: dict[str, int]
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (key, stage, reason)
+    gated: list[tuple[str, str, str]] = field(default_factory=list)  # (key, stage, reason)
     active_pid: int | None = None
     run_started: float | None = None
     run_finished: float | None = None
@@ -46,8 +48,9 @@ class BatchStatus:
 
     def lines(self, max_failures: int = 20) -> list[str]:
         c = self.counts
+        gated = f"{c['gated']} gated out, " if c["gated"] else ""  # only where an input gate kept some out
         out = [f"{self.out}: {c['total']} studies: {c['done']} done, {c['running']} running, "
-               f"{c['failed']} failed, {c['pending']} pending"]
+               f"{c['failed']} failed, {gated}{c['pending']} pending"]
         if self.active_pid:
             out.append(f"a batch is running now (pid {self.active_pid})")
         if self.run_started is not None:
@@ -59,6 +62,10 @@ class BatchStatus:
             out.append(f"failed: {key}: {stage}: {reason}")
         if len(self.failures) > max_failures:
             out.append(f"... and {len(self.failures) - max_failures} more failed (see {self.out / 'report.html'})")
+        for key, stage, reason in self.gated[:max_failures]:
+            out.append(f"gated: {key}: {stage}: {reason}")
+        if len(self.gated) > max_failures:
+            out.append(f"... and {len(self.gated) - max_failures} more gated out (see {self.out / 'report.html'})")
         return out
 
 
@@ -85,7 +92,7 @@ def read_status(out: str | Path) -> BatchStatus:
     per_study: dict[str, list[tuple]] = {}
     for key, stage, status, reason, updated in rows:
         per_study.setdefault(key, []).append((stage, status, reason, updated))
-    counts = {"done": 0, "running": 0, "failed": 0, "pending": 0, "total": len(per_study)}
+    counts = {"done": 0, "running": 0, "failed": 0, "gated": 0, "pending": 0, "total": len(per_study)}
     failures = []
     result = BatchStatus(out, counts)
     if run is not None:
@@ -97,6 +104,9 @@ def read_status(out: str | Path) -> BatchStatus:
             failures.extend((key, s[0], s[2]) for s in steps if s[1] == "failed")
         elif "running" in statuses:
             status = "running"
+        elif "gated" in statuses:  # the same order as StudyState.status
+            status = "gated"
+            result.gated.extend((key, s[0], s[2]) for s in steps if s[1] == "gated")
         elif all(s == "done" for s in statuses):
             status = "done"
             if result.run_started is not None and max(s[3] for s in steps) >= result.run_started:

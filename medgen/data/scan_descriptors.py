@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from medgen.baselines.denoise import estimate_noise_sigma
+
 DESCRIPTOR_NAMES = (
     "log10_range",  # scale: p99.5 - p0.5 in physical units (slope errors, modality)
     "zero_point",  # where 0 lies in the window: ~0 for MR, negative for CT in HU
     "border_level",  # mean of the outer shell in window units: air is dark unless inverted
     "log10_saturation",  # share of bright voxels sitting at the maximum (clipping)
-    "log10_noise",  # finite-difference noise relative to the window (noise, artefacts)
+    "log10_noise",  # noise SD (robust, from the flattest cells) relative to the window
     "foreground_fraction",  # share of the grid above 10 % of the window (empty, body size)
 )
 
@@ -37,9 +39,10 @@ def intensity_descriptors(values: np.ndarray) -> np.ndarray:
     window = max(hi - lo, 1e-12 * max(abs(hi), 1.0), np.finfo(np.float64).tiny)
     shell = np.concatenate([v[[0, -1]].ravel(), v[:, [0, -1]].ravel(), v[:, :, [0, -1]].ravel()])
     bright = v > lo + 0.1 * window
-    # A clipped scan has many voxels exactly at its maximum; an unclipped one almost none.
-    at_max = np.count_nonzero(v >= vmax - 1e-6 * max(abs(vmax), window)) / max(np.count_nonzero(bright), 1)
-    noise = np.median(np.abs(np.diff(v, axis=0))) / window
+    # A clipped scan has many voxels at its maximum (a plateau); an unclipped one almost none.
+    at_max = np.count_nonzero(v >= vmax - 1e-4 * window) / max(np.count_nonzero(bright), 1)
+    # Noise from the flattest cells only: anatomy edges dominate plain differences on a coarse grid.
+    noise = estimate_noise_sigma(v) / window
     return np.array(
         [
             np.log10(window),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -67,12 +66,17 @@ class Calibration:
     def fit(cls, held_back: list[float], train: list[float], false_positive_rate: float) -> Calibration:
         """Centre and spread of the held-back scores (the spread no smaller than the training
         scores', which a flow fits more tightly); threshold ``z`` for a two-sided test at
-        ``false_positive_rate`` under a normal model of the held-back scores."""
+        ``false_positive_rate``: the normal prediction interval for one more scan, which
+        widens with few held-back scans (Student's t with n - 1 degrees of freedom, times
+        sqrt(1 + 1/n)): their mean and SD are estimates too."""
+        from scipy.stats import t as student_t
+
         held = np.asarray(held_back, np.float64)
         if held.size < 2:
             raise ValueError(f"calibration needs at least 2 held-back scans, got {held.size}")
         spread = max(float(held.std(ddof=1)), float(np.std(train, ddof=1)) if len(train) > 1 else 0.0, MIN_SPREAD)
-        z = NormalDist().inv_cdf(1.0 - false_positive_rate / 2.0)
+        n = held.size
+        z = float(student_t.ppf(1.0 - false_positive_rate / 2.0, n - 1)) * float(np.sqrt(1.0 + 1.0 / n))
         return cls(float(held.mean()), spread, z, float(false_positive_rate), [float(s) for s in held_back],
                    [float(s) for s in train])  # fmt: skip
 

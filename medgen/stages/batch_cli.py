@@ -1,7 +1,8 @@
 """``medgen batch`` and ``medgen status``: options live here; ``register(app)`` adds them.
 
-Exit status of ``medgen batch``: 0 every study done; 3 some studies failed (each listed
-with its reason, also in ``OUT/report.html``); 4 no study found; 1 an unusable folder or
+Exit status of ``medgen batch``: 0 every study done (or kept out by the input gate, by
+policy: listed with score and reason); 3 some studies failed (each listed with its reason,
+also in ``OUT/report.html``); 4 no study found; 1 an unusable folder or
 another batch already writing to OUT; 2 a usage error.
 """
 
@@ -16,10 +17,11 @@ import typer
 def batch_command(
     pipeline: Annotated[Path, typer.Argument(exists=True, dir_okay=False, metavar="PIPELINE.yaml",
                                              help="Batch pipeline file (stages per study).")],
-    input: Annotated[Path, typer.Option("--input", "-i", exists=True, file_okay=False, metavar="ARCHIVE",  # noqa: A002
-                                        help="Folder of studies, searched recursively; only read.")],
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, metavar="RESULTS",
                                       help="Output folder: studies/, ledger, report.html.")],
+    input: Annotated[Path | None, typer.Option("--input", "-i", exists=True, file_okay=False, metavar="ARCHIVE",  # noqa: A002
+                                               help="Folder of studies, searched recursively; only read "
+                                                    "(none for a synthesis pipeline).")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Worker processes (or Ray actors).")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="local (default) or ray.")] = "local",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster (e.g. auto); default: a local Ray.")] = None,
@@ -30,8 +32,11 @@ def batch_command(
 ) -> None:
     """Run PIPELINE.yaml over every study under ARCHIVE; rerun to resume or pick up new studies.
 
-    A killed run resumes where it stopped; finished studies are never redone unless the
-    pipeline or model changed; failed studies keep their reason (see `medgen status`).
+    A killed run resumes where it stopped, in the same MLflow run; finished studies are never
+    redone unless the pipeline or model changed; failed studies keep their reason (see
+    `medgen status`), and studies an input gate kept out (enhance.gate, policy skip) stay
+    `gated` until the gate changes. A synthesis pipeline (one `synthesize` stage) takes no
+    --input: each sample it makes is a study of the ledger.
     """
     from medgen.batch.driver import run_batch
 
@@ -44,6 +49,10 @@ def batch_command(
         typer.echo(f"failed: {key}: {reason}", err=True)
     if len(summary.failed) > 20:
         typer.echo(f"... and {len(summary.failed) - 20} more failed (see {summary.report})", err=True)
+    for key, reason in summary.gated[:20]:
+        typer.echo(f"gated: {key}: {reason}", err=True)
+    if len(summary.gated) > 20:
+        typer.echo(f"... and {len(summary.gated) - 20} more gated out (see {summary.report})", err=True)
     if summary.mlflow_run_id:
         typer.echo(f"MLflow run {summary.mlflow_run_id}")
     raise typer.Exit(summary.exit_code)

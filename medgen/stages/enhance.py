@@ -6,6 +6,11 @@ The output lies on the input's grid (the refined grid for super-resolution), in 
 orientation and units (HU stays HU), written as NIfTI or as a derived DICOM series. Diffusion
 models also write the per-voxel uncertainty (standard deviation over samples) beside it as
 ``<name>_uncertainty.nii.gz``. The run is logged to MLflow with timings and a montage.
+
+With ``gate`` (a calibrated flow, ``--gate``) the scan is first judged by the input gate
+(:mod:`medgen.stages.gating`): an "out" scan is enhanced with a loud warning (policy
+``warn``) or not at all (``skip``: no output, the summary says why); the verdict goes into
+the sidecar and the MLflow run either way.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ OutputFormatName = Literal["nifti", "dicom"]
 
 @dataclass
 class EnhanceSummary:
-    """What ``enhance`` wrote and how long it took."""
+    """What ``enhance`` wrote and how long it took (``output`` is None when ``skipped``)."""
 
-    output: Path
+    output: Path | None
     uncertainty: Path | None
     run_id: str | None
     seconds_total: float
@@ -37,6 +42,8 @@ class EnhanceSummary:
     window_batch: int
     device: str
     noise_level: float | None
+    skipped: str | None = None  # why nothing was written (the gate kept the scan out)
+    gate: dict | None = None  # the gate's verdict (GateVerdict.to_dict()), when gated
 
 
 def uncertainty_path(out: Path) -> Path:
@@ -130,6 +137,8 @@ def enhance(
     parent_run_id: str | None = None,
     experiment: str = "medgen",
     progress: bool = True,
+    gate: str | Path | None = None,
+    gate_policy: str = "warn",
 ) -> EnhanceSummary:
     """Enhance ``scan`` with ``model`` and write ``out``.
 
@@ -163,16 +172,27 @@ def enhance(
         Seed of diffusion sampling.
     tracking_uri, parent_run_id, experiment
         Where the MLflow run goes.
+    gate : str or path, optional
+        A calibrated flow model (file, run folder or MLflow URI): the input gate that
+        judges the scan first (see the module doc).
+    gate_policy : {"warn", "skip"}
+        What an "out" scan gets: enhanced with a warning on stderr, or skipped (nothing
+        written; ``skipped`` says why).
     """
     from medgen.inference.enhance import enhance_with
     from medgen.inference.loading import load_model
     from medgen.io import save
+    from medgen.stages import gating
     from medgen.stages.common import load_volume, require_3d, volume_facts
     from medgen.tracking import Tracker, input_key, run_name
     from medgen.training.distributed import pick_device
 
     started = time.perf_counter()
     fmt = look_up_option("format", format, literal_options(OutputFormatName))
+    gate_option = None
+    if gate is not None:
+        policy = look_up_option("gate_policy", gate_policy, gating.GATE_POLICIES)
+        gate_option = gating.GateOption(model=str(gate), policy=policy)
     adapt_seconds = check_non_negative("adapt_seconds", adapt_seconds)
     if adapt_steps is not None:
         adapt_steps = check_int("adapt_steps", adapt_steps, minimum=1)
@@ -184,6 +204,16 @@ def enhance(
     volume = require_3d(load_volume(scan), scan)
     dev = pick_device(device)
     loaded = load_model(model, device=dev, tracking_uri=tracking_uri)
+    verdict = None
+    if gate_option is not None:
+        from medgen.inference.gate import load_gate
+
+        flow = load_gate(gate_option.model, device=dev, tracking_uri=tracking_uri)
+        verdict = flow.check(volume, name=input_key(scan, volume))
+        gating.warn(str(scan), verdict, gate_option.policy)
+        if not verdict.inside and gate_option.policy == "skip":
+            return _skipped(scan, volume, loaded, verdict, gate_option, dev, started, experiment, tracking_uri,
+                            parent_run_id)
 
     if adapt_steps is not None:
         adapted = f"adapt-{adapt_steps}steps"
@@ -212,20 +242,23 @@ def enhance(
                 "format": fmt,
             }
         )
+        if verdict is not None:
+            gating.log_verdict(run, verdict, gate_option)
         result = enhance_with(loaded, volume, device=dev, overlap=overlap, seed=seed, progress=progress)
         output = result.volume
         if adapt_seconds > 0 or adapt_steps is not None:
             output = _adapt(loaded, volume, result, adapt_seconds or None, adapt_steps, run, dev, overlap, seed,
                             progress)
+        written = output if verdict is None else gating.with_verdict(output, verdict, gate_option)
         if fmt == "dicom":
             kwargs = {"series_description": f"medgen {loaded.kind} enhanced"}
             if scan.is_dir() or not scan.name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
                 source = _source_dataset(scan)
                 if source is not None:
                     kwargs["source_dataset"] = source
-            save(output, out, format="dicom", **kwargs)
+            save(written, out, format="dicom", **kwargs)
         else:
-            save(output, out, sidecar=True)
+            save(written, out, sidecar=True)
         u_path = None
         if result.uncertainty is not None:
             u_path = save(result.uncertainty, uncertainty_path(out))
@@ -264,4 +297,26 @@ def enhance(
         window_batch=result.plan.batch,
         device=str(dev),
         noise_level=result.noise_level,
+        gate=None if verdict is None else verdict.to_dict(),
     )
+
+
+def _skipped(scan: Path, volume, loaded, verdict, option, dev, started: float, experiment: str,
+             tracking_uri: str | None, parent_run_id: str | None) -> EnhanceSummary:
+    """A scan the gate kept out (policy ``skip``): an MLflow run that says so, no output."""
+    from medgen.stages import gating
+    from medgen.stages.common import volume_facts
+    from medgen.tracking import Tracker, input_key, run_name
+
+    reason = gating.gated_reason(verdict)
+    tracker = Tracker(experiment, uri=tracking_uri)
+    tags = {"medgen.stage": "enhance", "medgen.model_kind": loaded.kind, "medgen.skipped": reason}
+    with tracker.run(run_name("enhance", loaded.config.name, "gated-out", input_key(scan, volume)),
+                     parent_id=parent_run_id, tags=tags) as run:
+        run.log_params({**volume_facts(volume, "input"), "model.kind": loaded.kind,
+                        "model.config_name": loaded.config.name})
+        gating.log_verdict(run, verdict, option)
+        run_id = run.run_id
+    return EnhanceSummary(output=None, uncertainty=None, run_id=run_id, seconds_total=time.perf_counter() - started,
+                          seconds_inference=0.0, voxels_per_second=0.0, window_vox=(0, 0, 0), window_batch=0,
+                          device=str(dev), noise_level=None, skipped=reason, gate=verdict.to_dict())

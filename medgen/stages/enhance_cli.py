@@ -100,12 +100,32 @@ def enhance_command(
         float, typer.Option("--overlap", min=0.0, max=0.95, help="Sliding-window overlap.")
     ] = 0.25,
     seed: Annotated[int, typer.Option("--seed", help="Seed of diffusion sampling.")] = 0,
+    gate: Annotated[
+        str | None,
+        typer.Option(
+            "--gate",
+            metavar="FLOW",
+            help="Judge SCAN first with this input gate (a calibrated flow: file, run folder or MLflow URI).",
+        ),
+    ] = None,
+    gate_policy: Annotated[
+        str,
+        typer.Option(
+            "--gate-policy",
+            help="What a scan the gate finds out gets: warn (enhanced, with a warning) or skip (not enhanced, "
+            "exit status 3).",
+        ),
+    ] = "warn",
     tracking_uri: Annotated[
         str | None, typer.Option("--tracking-uri", help=_TRACKING_HELP)
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Enhance SCAN with MODEL; the output keeps the input's grid, orientation and units."""
+    """Enhance SCAN with MODEL; the output keeps the input's grid, orientation and units.
+
+    With --gate the verdict (in/out, score, reason) is printed and kept in the sidecar and
+    the MLflow run; a scan skipped by --gate-policy skip writes nothing and exits with 3.
+    """
     from medgen.stages.enhance import enhance
 
     s = enhance(
@@ -120,8 +140,15 @@ def enhance_command(
         seed=seed,
         tracking_uri=tracking_uri,
         progress=not quiet,
+        gate=gate,
+        gate_policy=gate_policy,
     )
     console = _console()
+    if s.gate is not None:
+        console.print(f"input gate: {s.gate['verdict']} ({s.gate['reason']})", markup=False)
+    if s.skipped:
+        console.print(f"skipped {scan}: {s.skipped}; nothing written; MLflow run {s.run_id}", markup=False)
+        raise typer.Exit(3)
     console.print(f"wrote {s.output}" + (f" and {s.uncertainty}" if s.uncertainty else ""))
     console.print(
         f"{s.seconds_inference:.1f} s inference ({s.voxels_per_second / 1e6:.2f} Mvox/s on {s.device}, "

@@ -16,9 +16,14 @@ def print_stage(kind: str, result: Any) -> None:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.val_metrics.items()))
         console.print(f"[bold]train[/bold]: {result.steps_done} steps in {result.seconds:.0f} s -> "
                       f"{result.model_path} {metrics}")
+    elif kind == "enhance" and result.skipped:
+        from rich.markup import escape
+
+        console.print(f"[bold]enhance[/bold]: skipped by the input gate: {escape(result.skipped)}")
     elif kind == "enhance":
+        gate = f", input gate: {result.gate['verdict']}" if result.gate else ""
         console.print(f"[bold]enhance[/bold]: {result.output} in {result.seconds_total:.1f} s "
-                      f"({result.voxels_per_second:,.0f} voxels/s on {result.device})")
+                      f"({result.voxels_per_second:,.0f} voxels/s on {result.device}){gate}")
     elif kind == "baseline":
         console.print(f"[bold]baseline[/bold] {result.method}: {result.output} in {result.seconds:.1f} s")
     elif kind == "degrade":
