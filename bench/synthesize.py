@@ -1,4 +1,4 @@
-"""Synthesis bench: DDPM (1000 steps) vs DDIM and rectified flow (few steps), side by side.
+"""Synthesis bench: DDPM (1000 steps), DDIM and rectified flow (few steps), a normalizing flow (one pass).
 
 One run, on this machine:
 
@@ -8,14 +8,17 @@ One run, on this machine:
    reconstruction PSNR/SSIM (whole and foreground) on the held-back phantoms and on the real
    ICBM T1 brain volume it never saw (``../shared/data``, resampled to the cohort's grid);
 3. two label-conditioned latent diffusion models on the autoencoder's latents, identical but
-   for their training: DDPM (noise prediction) and rectified flow;
-4. for each sampler (DDPM 1000 steps, DDIM ``--steps``, rectified flow ``--steps``),
-   ``--n-samples`` volumes (half per class): seconds and peak memory per volume, Frechet
-   distance and MMD in medgen's own contrastive 3D feature space (trained once here on the
-   training cohort), two-sample AUC (0.5 = indistinguishable), MS-SSIM diversity beside the
-   real set's, and the fraction of samples flagged as copies of a training volume (with its
-   chance rate). A "copies of training volumes" row shows what memorisation looks like, and
-   "held-back real" what a perfect generator would score at this set size.
+   for their training: DDPM (noise prediction) and rectified flow; and (unless
+   ``--skip-flow``) a label-conditioned normalizing flow over the same whole latent grids
+   (``model.kind: flow``, ``regions: null``), on the same training scans;
+4. for each sampler (DDPM 1000 steps, DDIM ``--steps``, rectified flow ``--steps``, the
+   normalizing flow at each of ``--flow-temperatures``), ``--n-samples`` volumes (half per
+   class): seconds and peak memory per volume, Frechet distance and MMD in medgen's own
+   contrastive 3D feature space (trained once here on the training cohort), two-sample AUC
+   (0.5 = indistinguishable), MS-SSIM diversity beside the real set's, and the fraction of
+   samples flagged as copies of a training volume (with its chance rate). A "copies of
+   training volumes" row shows what memorisation looks like, and "held-back real" what a
+   perfect generator would score at this set size.
 5. split (slab) against whole decoding of a large latent: peak memory and the largest
    difference;
 6. (with ``../shared/data``) an autoencoder trained patch-based at native 1 mm on real
@@ -139,7 +142,30 @@ def train_models(work: Path, args, device: str) -> dict[str, Path]:
         started = time.perf_counter()
         models[training] = train(cfg, tracking_uri=uri, progress=False, resume=False).model_path
         print(f"latent diffusion ({training}): {args.ldm_steps} steps in {time.perf_counter() - started:.0f} s")
+    if not args.skip_flow:
+        models["flow"] = train_flow(work, args, ae_model, uri, common)
     return models
+
+
+def train_flow(work: Path, args, ae_model: Path, uri: str, common: dict) -> Path:
+    """The normalizing flow over whole latent grids (decodable), on the latent diffusion
+    models' training scans: its held-back fraction equals their ``val_fraction`` (0.1) and
+    the split is stratified with the same seed."""
+    from medgen.stages.train import train
+
+    cfg = write_yaml(work / "flow.yaml", {
+        "name": "bench-flow", "experiment": "bench-synthesis",
+        "model": {"kind": "flow", "flow": {
+            "autoencoder": str(ae_model), "regions": None, "intensity_descriptors": False, "num_classes": 2,
+            "transforms": 3, "hidden_features": [64], "bins": 4, "feature_noise": 0.1, "calibration_fraction": 0.1}},
+        "training": {"steps": args.flow_steps, "batch_size": 16, "lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 50,
+                     "ema_decay": 0.99, "val_every": 10**6, "out_dir": str(work / "flow"), **common},
+        "data": {"labels_csv": str(work / "train" / "labels.csv")},
+    })  # fmt: skip
+    started = time.perf_counter()
+    path = train(cfg, tracking_uri=uri, progress=False, resume=False).model_path
+    print(f"normalizing flow: {args.flow_steps} steps in {time.perf_counter() - started:.0f} s")
+    return path
 
 
 def load_grid_set(folder: Path, shape, spacing) -> np.ndarray:
@@ -179,8 +205,10 @@ def reconstruction_rows(ae_path: Path, work: Path, args, device: str) -> list[tu
     return rows
 
 
-def generate(model_path: Path, sampler: str, steps: int, n: int, device: str, threads: int = 0):
-    """(images, seconds per volume, peak MB added while generating); run in a fresh process."""
+def generate(model_path: Path, sampler: str | None, steps: int | None, n: int, device: str, threads: int = 0,
+             temperature: float | None = None):  # fmt: skip
+    """(images, seconds per volume, peak MB added while generating); run in a fresh process.
+    A flow takes ``temperature`` and no sampler or steps."""
     import torch
 
     if threads:
@@ -192,7 +220,8 @@ def generate(model_path: Path, sampler: str, steps: int, n: int, device: str, th
     images, started = [], time.perf_counter()
     with PeakMemory(device) as peak:
         for i in range(n):
-            request = SynthesisRequest(n=1, condition={"label": i % 2}, seed=0, sampler=sampler, steps=steps, first_index=i)
+            request = SynthesisRequest(n=1, condition={"label": i % 2}, seed=0, sampler=sampler, steps=steps,
+                                       first_index=i, temperature=temperature)  # fmt: skip
             images.append(synth.generate(request, device=device)[0].values(np.float32))
     return np.stack(images), (time.perf_counter() - started) / n, peak.peak_mb
 
@@ -271,6 +300,10 @@ def main() -> None:
     parser.add_argument("--n-heldout", type=int, default=8, help="held-back phantoms per class")
     parser.add_argument("--ae-steps", type=int, default=1500)
     parser.add_argument("--ldm-steps", type=int, default=2000)
+    parser.add_argument("--flow-steps", type=int, default=1500, help="normalizing flow training steps")
+    parser.add_argument("--flow-temperatures", type=float, nargs="+", default=[1.0, 0.7],
+                        help="a normalizing flow row per base-noise temperature")
+    parser.add_argument("--skip-flow", action="store_true", help="no normalizing flow rows")
     parser.add_argument("--encoder-steps", type=int, default=300)
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--steps", type=int, default=25, help="DDIM / rectified-flow steps")
@@ -282,7 +315,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny everything: a smoke test, not a result")
     args = parser.parse_args()
     if args.quick:
-        args.size, args.n_train, args.n_heldout, args.ae_steps, args.ldm_steps = 32, 4, 2, 10, 10
+        args.size, args.n_train, args.n_heldout, args.ae_steps, args.ldm_steps, args.flow_steps = 32, 4, 2, 10, 10, 10
         args.encoder_steps, args.n_samples, args.steps, args.ddpm_steps = 10, 4, 3, 20
     import torch
 
@@ -307,21 +340,24 @@ def main() -> None:
     train_set = load_grid_set(work / "train", shape, spacing)
     real = load_grid_set(work / "heldout", shape, spacing)
     encoder = train_feature_encoder(train_set, steps=args.encoder_steps, seed=0)
-    arms = [("DDPM", "ddpm", "ddpm", args.ddpm_steps), ("DDIM", "ddpm", "ddim", args.steps),
-            ("rectified flow", "rflow", "rflow", args.steps)]  # fmt: skip
+    arms = [(f"DDPM ({args.ddpm_steps} steps)", "ddpm", "ddpm", args.ddpm_steps, None),
+            (f"DDIM ({args.steps} steps)", "ddpm", "ddim", args.steps, None),
+            (f"rectified flow ({args.steps} steps)", "rflow", "rflow", args.steps, None)]  # fmt: skip
+    if "flow" in models:  # one exact inverse pass; the temperature scales the base noise
+        arms += [(f"normalizing flow (1 pass, T={t:g})", "flow", None, None, t) for t in args.flow_temperatures]
     rows = []
-    for name, model_key, sampler, steps in arms:
+    for name, model_key, sampler, steps, temperature in arms:
         images, seconds, peak = in_fresh_process(generate, models[model_key], sampler, steps, args.n_samples,
-                                                 args.device, args.threads)
+                                                 args.device, args.threads, temperature)
         report = synthesis_report(np.stack([normalise_percentiles(v) for v in images]), real, train_set, encoder)
-        rows.append((f"{name} ({steps} steps)", seconds, peak, report))
+        rows.append((name, seconds, peak, report))
     rng = np.random.default_rng(0)
     copies = train_set[rng.choice(len(train_set), size=args.n_samples, replace=len(train_set) < args.n_samples)]
     rows.append(("copies of training volumes", float("nan"), float("nan"), synthesis_report(copies, real, train_set, encoder)))
     half = len(real) // 2
     rows.append(("held-back real (half)", float("nan"), float("nan"), synthesis_report(real[:half], real[half:], train_set, encoder)))
 
-    print("\n## Samplers side by side (same autoencoder; medgen3d = medgen's contrastive 3D encoder)\n")
+    print("\n## Generators side by side (same autoencoder and training scans; medgen3d = medgen's contrastive 3D encoder)\n")
     print("| generator | s / volume | peak MB added | FID medgen3d | MMD rbf | two-sample AUC | MS-SSIM diversity (real) | copies flagged (chance) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, seconds, peak, report in rows:

@@ -11,8 +11,9 @@ degradation presets it trains with live in ``configs/``::
       - enhance:  {scan: ../demo_out/noisy.nii.gz, out: ../demo_out/denoised.nii.gz}
 
 Paths are relative to the pipeline file. ``enhance.model`` defaults to the model of the
-latest ``train`` stage. Unknown keys and wrong types stop the run before any work, with one
-line naming the file and the key.
+latest ``train`` stage; ``enhance.gate: {model: FLOW, policy: warn|skip}`` judges the scan
+with an input gate first (:mod:`medgen.stages.gating`). Unknown keys and wrong types stop
+the run before any work, with one line naming the file and the key.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medgen.errors import ConfigError
 from medgen.stages.augment import AugmentStep
+from medgen.stages.gating import GateOption, resolve_model_path
 
 
 class _Step(BaseModel):
@@ -58,6 +60,7 @@ class EnhanceStep(_Step):
     format: Literal["nifti", "dicom"] = "nifti"
     adapt_seconds: float = Field(0.0, ge=0.0)  # with adapt_steps: only a safety cap on the clock
     adapt_steps: int | None = Field(None, ge=1)  # step budget (super-resolution); rules over adapt_seconds
+    gate: GateOption | None = None  # judge the scan first; policy skip: an "out" scan is not enhanced
 
 
 class BaselineStep(_Step):
@@ -91,13 +94,14 @@ class CohortStep(_Step):
 
 class SynthesizeStep(_Step):
     out: Path
-    model: str | None = None  # None: the model of the latest latent_diffusion train stage
+    model: str | None = None  # None: the model of the latest latent_diffusion (or decodable flow) train stage
     n: int = Field(4, ge=1)
     condition: dict[str, float | int | str] = Field(default_factory=dict)
     sampler: Literal["ddpm", "ddim", "rflow"] | None = None
     steps: int | None = Field(None, ge=1)
     seed: int = 0
     guidance_scale: float | None = Field(None, ge=0.0)
+    temperature: float | None = Field(None, ge=0.0)  # flows only
     format: Literal["nifti", "dicom"] = "nifti"
 
 
@@ -197,6 +201,8 @@ def _resolve_paths(step: _Step, base: Path) -> None:
             setattr(step, name, (base / value).resolve())
         elif isinstance(value, dict):
             setattr(step, name, {k: (base / v).resolve() if isinstance(v, Path) else v for k, v in value.items()})
+        elif isinstance(value, GateOption):
+            value.model = resolve_model_path(value.model, base)
 
 
 def run_pipeline(path: str | Path, *, tracking_uri: str | None = None, progress: bool = True,
@@ -232,7 +238,7 @@ class _Context:
         self.experiment = experiment
         self.progress = progress
         self.model: str | None = None  # the latest enhancement model
-        self.synthesis_model: str | None = None  # the latest latent diffusion model
+        self.synthesis_model: str | None = None  # the latest latent diffusion (or decodable flow) model
 
     def run(self, kind: str, step: _Step) -> Any:
         return getattr(self, f"_{kind}")(step)
@@ -272,9 +278,9 @@ class _Context:
 
         summary = train(step.config, resume=step.resume, progress=self.progress, **self.tracking)
         kind = summary.config.model.kind
-        if kind == "latent_diffusion":
+        if kind == "latent_diffusion" or (kind == "flow" and summary.config.model.flow.regions is None):
             self.synthesis_model = str(summary.model_path)
-        elif kind != "autoencoder":
+        elif kind not in ("autoencoder", "flow"):
             self.model = str(summary.model_path)
         return summary
 
@@ -284,8 +290,9 @@ class _Context:
         model = step.model or self.model
         if model is None:
             raise ConfigError("enhance: no `model` given and no train stage before it")
+        gate = {"gate": step.gate.model, "gate_policy": step.gate.policy} if step.gate is not None else {}
         return enhance(step.scan, model, step.out, step.format, step.adapt_seconds, adapt_steps=step.adapt_steps,
-                       experiment=self.experiment, progress=self.progress, **self.tracking)
+                       experiment=self.experiment, progress=self.progress, **gate, **self.tracking)
 
     def _baseline(self, step: BaselineStep) -> Any:
         from medgen.stages.baseline import baseline
@@ -316,9 +323,11 @@ class _Context:
 
         model = step.model or self.synthesis_model
         if model is None:
-            raise ConfigError("synthesize: no `model` given and no latent_diffusion train stage before it")
+            raise ConfigError("synthesize: no `model` given and no latent_diffusion train stage before it "
+                              "(nor a flow with `regions: null`)")
         return synthesize(model, step.out, n=step.n, condition=step.condition, sampler=step.sampler,
                           steps=step.steps, seed=step.seed, guidance_scale=step.guidance_scale,
+                          temperature=step.temperature,
                           format=step.format, experiment=self.experiment, progress=self.progress,
                           **self.tracking)
 

@@ -1,10 +1,10 @@
 """Tiny synthesis models for the synthesis tests, trained once per test session.
 
 A labelled phantom cohort (3 per class, 32³ at 1.2-2 mm) on a 32³ grid of 2 mm voxels (it
-covers the whole head); an autoencoder of 3 levels (latent 2 x 8³) and latent diffusion
-denoisers of 2 levels, all trained through :func:`medgen.stages.train.train` against a real
-local MLflow SQLite store. Both test modules share them through :func:`models`, which builds
-each one on first use.
+covers the whole head); an autoencoder of 3 levels (latent 2 x 8³), latent diffusion
+denoisers of 2 levels and tiny normalizing flows on its latents, all trained through
+:func:`medgen.stages.train.train` against a real local MLflow SQLite store. The test modules
+share them through :func:`models`, which builds each one on first use.
 """
 
 from __future__ import annotations
@@ -72,6 +72,20 @@ def ldm_yaml(
         """)
 
 
+def synthesis_flow_yaml(out_dir: str, *, regions: str = "null", num_classes: int = 2, steps: int = 20,
+                        autoencoder: str = "ae_run/model.pt") -> str:  # fmt: skip
+    """A tiny normalizing flow on the autoencoder's latents (``regions: null``: decodable)."""
+    return textwrap.dedent(f"""
+        name: flow
+        experiment: {EXPERIMENT}
+        model: {{kind: flow, flow: {{autoencoder: {autoencoder}, regions: {regions}, intensity_descriptors: false,
+                 num_classes: {num_classes}, transforms: 2, hidden_features: [32], bins: 4}}}}
+        training: {{steps: {steps}, batch_size: 4, lr: 0.001, checkpoint_every: {steps}, log_every: 1,
+                    val_every: 1000, out_dir: {out_dir}, ema_decay: null, amp: false, device: cpu}}
+        data: {{labels_csv: cohort/labels.csv}}
+        """)
+
+
 @dataclass
 class SynthesisModels:
     """The shared cohort, MLflow store and lazily trained models (their TrainSummary)."""
@@ -123,6 +137,18 @@ class SynthesisModels:
         self.autoencoder  # noqa: B018
         return self.train("rflow", ldm_yaml("rflow_run", conditioned=False, training="rflow", steps=6))
 
+    @property
+    def decodable_flow(self):
+        """A flow over the whole latent grid (decodable), conditioned on 2 classes."""
+        self.autoencoder  # noqa: B018
+        return self.train("decodable-flow", synthesis_flow_yaml("decodable_flow_run"))
+
+    @property
+    def pooled_flow(self):
+        """A flow over 2x2x2 pooled latent regions (an input gate: not decodable)."""
+        self.autoencoder  # noqa: B018
+        return self.train("pooled-flow", synthesis_flow_yaml("pooled_flow_run", regions="[2, 2, 2]", num_classes=0, steps=4))
+
 
 _MODELS: dict[Path, SynthesisModels] = {}
 
@@ -134,3 +160,16 @@ def models(tmp_path_factory) -> SynthesisModels:
         root.mkdir(exist_ok=True)
         _MODELS[root] = SynthesisModels(root)
     return _MODELS[root]
+
+
+def flow_yaml(out_dir: str, *, autoencoder: str = "ae_run/model.pt", steps: int = 30) -> str:
+    """A tiny calibrated flow (an input gate) on the autoencoder's latents: one region, so a
+    handful of features, and the raw-intensity descriptors that make scaling errors visible."""
+    return textwrap.dedent(f"""
+        name: flow
+        experiment: {EXPERIMENT}
+        model: {{kind: flow, flow: {{autoencoder: {autoencoder}, regions: [1, 1, 1], transforms: 2,
+                 hidden_features: [16, 16]}}}}
+        training: {{steps: {steps}, batch_size: 8, amp: false, ema_decay: null, out_dir: {out_dir}, device: cpu}}
+        data: {{labels_csv: cohort/labels.csv}}
+        """)

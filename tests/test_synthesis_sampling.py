@@ -20,7 +20,7 @@ from tests.synthesis_helpers import EXPERIMENT, GRID_SPACING_MM, models
 from tests.torch_helpers import one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-NOT_SYNTHESIS = r"is an autoencoder model, not a synthesis \(latent_diffusion\) model"
+NOT_SYNTHESIS = r"is an autoencoder model, not a synthesis \(latent_diffusion or flow\) model"
 
 
 @pytest.fixture(scope="module")

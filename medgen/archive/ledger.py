@@ -7,13 +7,15 @@ the ledger (workers and Ray actors report to it), one short transaction per even
 killed at any moment leaves a ledger that still tells the truth: a stage is ``done`` only
 once all its outputs are in their final place, with their sizes and SHA-256 recorded.
 
-Keys are pseudonymous (:func:`medgen.io.deid.pseudonym` of the series UIDs or of a file's
-place); the ledger holds no patient name, ID, birth date or input path.
+Keys are pseudonymous (:func:`medgen.io.deid.pseudonym` of the StudyInstanceUID or of a
+file's place, see :mod:`medgen.batch.studies`); the ledger holds no patient name, ID, birth
+date, UID or input path.
 
 Tables
 ------
 ledger_studies
-    ``study_key``, ``kind`` (``dicom``/``nifti``/``itk``), ``n_files``, ``input_fingerprint``
+    ``study_key``, ``kind`` (``dicom``/``nifti``/``itk``, or ``synthetic``: a sample a
+    synthesis pipeline makes), ``n_files``, ``input_fingerprint``
     (hash of the study's files, sizes and mtimes), ``present`` (1 when the last scan of the
     archive saw it), ``added`` (UTC, ISO 8601).
 ledger_steps

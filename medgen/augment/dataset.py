@@ -139,8 +139,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
     Parameters
     ----------
     model : str or Path
-        A latent diffusion model file, a folder holding ``model.pt``, or an MLflow URI
-        (``runs:/<id>/model``, ``models:/<name>/<version>``); a URI is downloaded once, here.
+        A latent diffusion or decodable flow model file, a folder holding ``model.pt``, or an
+        MLflow URI (``runs:/<id>/model``, ``models:/<name>/<version>``); a URI is downloaded
+        once, here. A flow samples at temperature 1.
     n : int
         Length, >= 0.
     condition : mapping, optional
@@ -193,7 +194,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         device: str | torch.device = "cpu",
         tracking_uri: str | None = None,
     ) -> None:
-        from medgen.inference.synthesis import resolve_condition, scheduler_for
+        from medgen.inference.synthesis import SynthesisRequest, resolve_condition
 
         self.n = check_int("n", n, minimum=0)
         self.seed = check_int("seed", seed, minimum=0)
@@ -212,7 +213,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.sampler = sampler or settings.sampler
         self.steps = (1000 if self.sampler == "ddpm" else settings.steps) if steps is None else steps
         self.guidance_scale = settings.guidance_scale if guidance_scale is None else float(guidance_scale)
-        scheduler_for(settings, self.sampler, self.steps)  # a bad sampler/steps fails here too
+        synth.check(SynthesisRequest(condition=self.condition, sampler=self.sampler, steps=self.steps,
+                                     guidance_scale=self.guidance_scale))  # a bad sampler/steps fails here too
         self.steps = int(self.steps)
         if self.guidance_scale < 0:
             raise ParameterError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}")

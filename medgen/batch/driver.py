@@ -154,7 +154,8 @@ def run_batch(
     if pipeline.is_synthesis and src is not None:
         raise InputError(src, "a synthesis pipeline reads no archive: leave out the input folder")
     if not pipeline.is_synthesis and src is None:
-        raise InputError(pipeline_path or pipeline.name, "this pipeline enhances an archive: give its folder")
+        raise InputError(pipeline_path or pipeline.name,
+                         "this pipeline enhances an archive: give the archive folder (--input)")
     src_path, out_path = _check_folders(src, out)
     started = time.perf_counter()
     summary = BatchSummary(out=out_path, run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3))
@@ -248,7 +249,7 @@ def _plan(pipeline: BatchPipeline, src: Path, out: Path, ledger: Ledger, summary
             summary.done_before += 1
             continue
         volumes: tuple[str, ...] = ()
-        if "ingest" not in rerun:
+        if "ingest" in stages and "ingest" not in rerun:
             volumes = tuple(n for n, _, _ in steps[task.key]["ingest"].outputs if n.endswith(".nii.gz"))
         todo.append(StudyTask(task.key, task.series, str(out), tuple(rerun), fps, volumes, task.sample))
     return _Plan(stages, todo)
@@ -408,7 +409,7 @@ class _Scheduler:
     def _died(self, wid: str, keys: list[str], why: str) -> None:
         begun = self.started_on.pop(wid, [])
         self.held_by.pop(wid, None)
-        for key in keys:
+        for key in reversed(keys):  # put back at the head, in the order they were given
             task = self.tasks.pop(key, None)
             rest = self.remaining.pop(key, None)
             if task is None or not rest:
@@ -432,9 +433,9 @@ class _Scheduler:
         self.on_event("died", wid)
 
     def _volumes(self, task: StudyTask, rest: list[str]) -> tuple[str, ...]:
-        if "ingest" in rest:
-            return ()
         step = self.ledger.step(task.key, "ingest")
+        if "ingest" in rest or step is None:  # to be ingested, or a synthetic sample (no ingest)
+            return ()
         return tuple(n for n, _, _ in step.outputs if n.endswith(".nii.gz"))
 
 

@@ -136,7 +136,7 @@ def render_report(ledger: Ledger, pipeline: BatchPipeline, summary: BatchSummary
         f"<title>medgen batch: {esc(pipeline.name)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>medgen batch: {esc(pipeline.name)}</h1>",
         f"<p>stages: {' &rarr; '.join(esc(s) for s in stages)} &middot; model: "
-        f"{esc(Path(pipeline.settings('enhance').model).name)}{gate_text} &middot; written "
+        f"{esc(Path(pipeline.model_settings().model).name)}{gate_text} &middot; written "
         f"{esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>",
         "<div class='counts'>",
         f"<span>{counts['total']} studies</span><span class='done'>{counts['done']} done</span>",

@@ -157,7 +157,8 @@ def study_table(path: Path) -> dict[str, list]:
 def _open_runs(tracker: Tracker, batch_id: str) -> list[str]:
     """Ids of this batch's runs still ``RUNNING``, newest first."""
     runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.`{BATCH_ID_TAG}` = '{batch_id}' and attributes.status = 'RUNNING'",
+        [tracker.experiment_id],
+        filter_string=f"tags.`{BATCH_ID_TAG}` = '{batch_id}' and attributes.status = 'RUNNING'",
         order_by=["attributes.start_time DESC"])
     return [r.info.run_id for r in runs]
 

@@ -23,6 +23,9 @@ Layout of a study folder (``<stem>`` is the ingest's pseudonymous output stem)::
     <stem>_enhanced_dicom/IM_*.dcm                export (dicom: true)
     <stem>_montage.png                            export (montage: true)
     metrics.json                                  metrics
+
+A synthesis pipeline's "study" is one sample (``task.sample``): ``think`` generates it and
+``write`` saves ``studies/<key>/<key>.nii.gz`` with a sidecar saying ``"synthetic": true``.
 """
 
 from __future__ import annotations
@@ -175,8 +178,8 @@ class StudyWorker:
             self._quietly(flight, SYNTHESIS_STAGE, lambda: self._synthesize(flight))
 
     def write(self, flight: StudyInFlight) -> None:
-        """Write the enhanced volumes (atomically, then the enhance stage is over), then
-        export and metrics."""
+        """Write what the model made (atomically; only then is its stage over), then export
+        and metrics."""
         task = flight.task
         if "enhance" in task.stages and not flight.stopped:
             self._attempt(flight, "enhance", lambda: self._write_enhanced(flight))

@@ -23,6 +23,11 @@ DESCRIPTOR_NAMES = (
 )
 
 
+# The smallest difference in each descriptor that means something (a floor for the spread
+# the flow standardises by): 5 % in range, 1 % of the window, 0.1 decade of saturation ...
+DESCRIPTOR_RESOLUTION = (0.02, 0.01, 0.01, 0.1, 0.05, 0.01)
+
+
 def intensity_descriptors(values: np.ndarray) -> np.ndarray:
     """:data:`DESCRIPTOR_NAMES` of one finite, non-constant 3D array (float64 vector).
 

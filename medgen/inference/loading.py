@@ -96,20 +96,45 @@ def load_model(
 
 @dataclass
 class SynthesisModel:
-    """A latent diffusion model ready to generate: network, sampling settings and what it
-    makes (grid, units, conditions). ``source`` is how the user named it."""
+    """A synthesis model ready to generate: network, sampling settings and what it makes
+    (grid, units, conditions). ``source`` is how the user named it.
+
+    Latent diffusion (``settings``: :class:`~medgen.inference.synthesis.DiffusionSettings`)
+    or a decodable normalizing flow (:class:`~medgen.inference.flow_synthesis.FlowSettings`);
+    :meth:`check` and :meth:`generate` serve both.
+    """
 
     model: nn.Module
-    settings: Any  # medgen.inference.synthesis.DiffusionSettings
+    settings: Any  # DiffusionSettings or FlowSettings
     spec: Any  # medgen.data.synthesis_data.SynthesisSpec
     source: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def is_flow(self) -> bool:
+        from medgen.inference.flow_synthesis import FlowSettings
+
+        return isinstance(self.settings, FlowSettings)
+
+    def check(self, request) -> None:
+        """Raise ``ParameterError`` for a request this model cannot serve, before any work."""
+        if self.is_flow:
+            from medgen.inference.flow_synthesis import resolve_flow_request
+
+            resolve_flow_request(self.settings, self.spec, request)
+        else:
+            from medgen.inference.synthesis import check_request
+
+            check_request(self.settings, self.spec, request)
+
     def generate(self, request, *, device="cpu", slab_latent_vox: int | None = None, progress: bool = False):
         """Volumes for ``request`` (:class:`medgen.inference.synthesis.SynthesisRequest`)."""
-        from medgen.inference.synthesis import generate_volumes
+        if self.is_flow:
+            from medgen.inference.flow_synthesis import generate_flow_volumes as generate
+        else:
+            from medgen.inference.synthesis import generate_volumes as generate
 
-        return generate_volumes(
+        return generate(
             self.model, self.settings, self.spec, request, device=device, source=self.source,
             slab_latent_vox=slab_latent_vox, progress=progress,
         )  # fmt: skip
@@ -129,28 +154,35 @@ def is_bundle_folder(path: str | Path) -> bool:
 def load_synthesis_model(
     model: str | Path, *, device: str | torch.device = "cpu", tracking_uri: str | None = None
 ) -> SynthesisModel:
-    """A synthesis model from a medgen model file/URI (``latent_diffusion``) or a local
-    MONAI bundle folder (:func:`medgen.models.bundle.load_bundle`).
+    """A synthesis model from a medgen model file/URI (``latent_diffusion``, or ``flow``
+    over the whole latent grid) or a local MONAI bundle folder
+    (:func:`medgen.models.bundle.load_bundle`).
 
     Raises
     ------
     InputError
-        Not a synthesis model, or a bundle without what it needs.
+        Not a synthesis model, a flow over pooled regions (it cannot be decoded), or a
+        bundle without what it needs.
     """
     from medgen.data.synthesis_data import SynthesisSpec
+    from medgen.inference.flow_synthesis import FlowSettings
     from medgen.inference.synthesis import DiffusionSettings
 
     if is_bundle_folder(model):
         return load_bundle(model, device=device)
     loaded = load_model(model, device=device, tracking_uri=tracking_uri)
-    if loaded.kind != "latent_diffusion":
-        raise InputError(loaded.path or model, f"is {article(loaded.kind)} model, not a synthesis (latent_diffusion) model")
+    where = loaded.path or model
+    if loaded.kind not in ("latent_diffusion", "flow"):
+        raise InputError(where, f"is {article(loaded.kind)} model, not a synthesis (latent_diffusion or flow) model")
+    if loaded.kind == "flow" and not loaded.model.decodable:
+        raise InputError(where, "is a flow over pooled latent regions (an input gate) and cannot be decoded into "
+                                "volumes; train a flow with `model.flow.regions: null` to synthesize")  # fmt: skip
     spec = loaded.metadata.get("synthesis")
     if not spec:
-        raise InputError(loaded.path or model, "has no synthesis metadata (grid, units): was it trained by medgen?")
+        raise InputError(where, "has no synthesis metadata (grid, units): was it trained by medgen?")
     return SynthesisModel(
         model=loaded.model,
-        settings=DiffusionSettings.from_config(loaded.config),
+        settings=FlowSettings() if loaded.kind == "flow" else DiffusionSettings.from_config(loaded.config),
         spec=SynthesisSpec.from_dict(spec),
         source=str(model),
         metadata=loaded.metadata,

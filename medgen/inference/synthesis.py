@@ -4,6 +4,7 @@ synthetic.
 
 Sample ``i`` of a request draws all its randomness from ``(seed, first_index + i)``, so the
 same seed always gives the same volume, whatever ``n`` is and in whichever batch it is made.
+Normalizing flows reuse the decoding and marking here (:mod:`medgen.inference.flow_synthesis`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class DiffusionSettings:
 class SynthesisRequest:
     """What to make: ``n`` volumes under ``condition`` (e.g. ``{"label": 1, "age_years": 70}``).
 
-    ``sampler``/``steps``/``guidance_scale`` default to the model's settings.
+    ``sampler``/``steps``/``guidance_scale`` default to the model's settings (latent
+    diffusion); ``temperature`` scales a flow model's base noise (default 1).
     """
 
     n: int = 1
@@ -59,6 +61,7 @@ class SynthesisRequest:
     steps: int | None = None
     guidance_scale: float | None = None
     first_index: int = 0
+    temperature: float | None = None
 
 
 def scheduler_for(settings: DiffusionSettings, sampler: str, steps: int):
@@ -169,8 +172,16 @@ def _resolve(settings: DiffusionSettings, spec: SynthesisSpec, request: Synthesi
     guidance = settings.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
     if guidance < 0:
         raise ParameterError(f"`guidance_scale` must be >= 0, got {guidance}")
+    if request.temperature is not None and request.temperature != 1.0:
+        raise ParameterError(f"`temperature` applies to flow models only, not to latent diffusion (got {request.temperature})")
     label, covariates = resolve_condition(spec, request.condition)
     return _Resolved(sampler, int(default_steps(settings, sampler, request.steps)), guidance, label, covariates)
+
+
+def check_request(settings: DiffusionSettings, spec: SynthesisSpec, request: SynthesisRequest) -> None:
+    """Raise :class:`ParameterError` for a request the model cannot serve, before any work."""
+    resolved = _resolve(settings, spec, request)
+    scheduler_for(settings, resolved.sampler, resolved.steps)
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ def synthesize_command(
     model: Annotated[
         str,
         typer.Option("--model", "-m", metavar="MODEL",
-                     help="Latent diffusion model file, MLflow URI (runs:/<id>/model, models:/<name>/<v>) "
-                          "or a local MONAI bundle folder."),
+                     help="Latent diffusion or flow (regions: null) model file, MLflow URI (runs:/<id>/model, "
+                          "models:/<name>/<v>) or a local MONAI bundle folder."),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT", help="Output folder.")],
     n: Annotated[int, typer.Option("--n", help="How many volumes.")] = 1,
@@ -23,10 +23,23 @@ def synthesize_command(
         list[str] | None,
         typer.Option("--condition", "-c", metavar="KEY=VALUE", help="Class label or covariate, e.g. label=1; repeatable."),
     ] = None,
-    sampler: Annotated[str | None, typer.Option("--sampler", help="ddpm, ddim or rflow (default: the model's).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps (default: the model's; ddpm: every training timestep).")] = None,
+    sampler: Annotated[
+        str | None, typer.Option("--sampler", help="Latent diffusion: ddpm, ddim or rflow (default: the model's). Not for flows.")
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="Latent diffusion sampling steps (default: the model's; ddpm: every training "
+                                     "timestep). Not for flows (one exact pass)."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same volumes.")] = 0,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale (1 = none).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="Latent diffusion: classifier-free guidance scale (1 = none). Not for flows.")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", help="Flows: scale of the base noise (default 1; below 1 trades diversity for "
+                                           "fidelity, 0 gives one volume). Not for latent diffusion."),
+    ] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="nifti or dicom.")] = "nifti",  # noqa: A002
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     slab: Annotated[
@@ -36,12 +49,14 @@ def synthesize_command(
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help=_TRACKING_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Generate synthetic volumes (always marked synthetic) with a latent diffusion model."""
+    """Generate synthetic volumes (always marked synthetic) with a latent diffusion model or a
+    normalizing flow trained on whole latent grids (`regions: null`); a class-conditioned flow
+    given no label draws each volume's label from its training class frequencies."""
     from medgen.stages.synthesize import parse_conditions, synthesize
 
     summary = synthesize(
         model, out, n=n, condition=parse_conditions(condition), sampler=sampler, steps=steps, seed=seed,
-        guidance_scale=guidance, format=format, device=device, slab_latent_vox=slab,
+        guidance_scale=guidance, temperature=temperature, format=format, device=device, slab_latent_vox=slab,
         tracking_uri=tracking_uri, progress=not quiet,
     )  # fmt: skip
     typer.echo(

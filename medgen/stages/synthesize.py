@@ -1,7 +1,8 @@
-"""``medgen synthesize``: generate volumes with a latent diffusion model, marked synthetic.
+"""``medgen synthesize``: generate volumes with a latent diffusion model or a normalizing flow
+over whole latent grids, marked synthetic.
 
 Outputs in ``out/``: ``synthetic-s<seed>-<index>.nii.gz`` with a JSON sidecar (``"synthetic":
-true``, model, seed, condition, sampler, steps), or one derived DICOM series per volume
+true``, model, seed, condition, sampler, steps; a flow's temperature), or one derived DICOM series per volume
 (ImageType ``DERIVED\\SECONDARY\\SYNTHETIC``, SeriesDescription starting "SYNTHETIC", no
 patient identity); a montage of the first samples; ``synthesis.json`` listing them. An
 MLflow run records the request, seconds and peak memory per volume, and the montage.
@@ -88,6 +89,7 @@ def synthesize(
     steps: int | None = None,
     seed: int = 0,
     guidance_scale: float | None = None,
+    temperature: float | None = None,
     format: str = "nifti",  # noqa: A002
     device: str = "auto",
     slab_latent_vox: int | None = None,
@@ -98,33 +100,40 @@ def synthesize(
 ) -> SynthesizeSummary:
     """Generate ``n`` volumes with ``model`` into ``out`` (see the module docstring).
 
+    ``sampler``/``steps``/``guidance_scale`` are latent diffusion's, ``temperature`` a flow's
+    (scale of its base noise, default 1); each is refused by the other family.
+
     Raises
     ------
     ParameterError
         ``n`` < 1, an unknown condition key or an out-of-range label, a sampler the model was
-        not trained for, an unknown format.
+        not trained for, an option of the other family, an unknown format.
     InputError
-        ``model`` is not a synthesis model, or a bundle folder without weights.
+        ``model`` is not a synthesis model (or a flow over pooled regions), or a bundle
+        folder without weights.
     """
     import torch
 
     from medgen.inference.loading import load_synthesis_model
-    from medgen.inference.synthesis import SynthesisRequest, resolve_condition
+    from medgen.inference.synthesis import SynthesisRequest
 
     n = check_int("n", n, minimum=1)
     fmt = look_up_option("format", format, FORMATS)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     synth = load_synthesis_model(model, device=dev, tracking_uri=tracking_uri)
     condition = dict(condition or {})
-    resolve_condition(synth.spec, condition)  # bad conditions stop before any work
+
+    def request(index: int) -> SynthesisRequest:
+        return SynthesisRequest(n=1, condition=condition, seed=seed, sampler=sampler, steps=steps,
+                                guidance_scale=guidance_scale, first_index=index, temperature=temperature)  # fmt: skip
+
+    synth.check(request(0))  # bad requests stop before any work
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     paths, volumes, records = [], [], []
     for i in range(n):
-        request = SynthesisRequest(n=1, condition=condition, seed=seed, sampler=sampler, steps=steps,
-                                   guidance_scale=guidance_scale, first_index=i)  # fmt: skip
-        volume = synth.generate(request, device=dev, slab_latent_vox=slab_latent_vox, progress=progress)[0]
+        volume = synth.generate(request(i), device=dev, slab_latent_vox=slab_latent_vox, progress=progress)[0]
         paths.append(_write(volume, out_dir, fmt))
         records.append({"file": paths[-1].name, **volume.meta.acquisition["synthesis"]})
         if len(volumes) < MONTAGE_SAMPLES:
@@ -149,9 +158,9 @@ def _track(synth, records, montage, seconds, peak, tracking_uri, parent_run_id, 
     run_id = tracker.start_run("synthesize", parent_id=parent_run_id, tags={"medgen.stage": "synthesize", "medgen.synthetic": "true"})
     status = "FAILED"
     try:
+        sampling = {k: first[k] for k in ("sampler", "steps", "guidance_scale", "temperature") if k in first}
         tracker.log_params(run_id, {
-            "model": synth.source, "n": len(records), "seed": first["seed"], "sampler": first["sampler"],
-            "steps": first["steps"], "guidance_scale": first["guidance_scale"],
+            "model": synth.source, "n": len(records), "seed": first["seed"], **sampling,
             **{f"condition.{k}": v for k, v in first["condition"].items()},
         })  # fmt: skip
         tracker.log_metrics(run_id, {"synthesis/seconds_per_volume": seconds, "synthesis/peak_memory_mb": peak})

@@ -16,15 +16,18 @@ import numpy as np
 import torch
 
 from medgen.config import PipelineConfig
+from medgen.data.scan_descriptors import DESCRIPTOR_RESOLUTION
 from medgen.data.synthesis_data import CohortRecord, LatentBatches, read_labels_csv, split_records
 from medgen.errors import ConfigError, InputError
 from medgen.stages.train_synthesis import (
     SynthesisTraining,
     _spec,
     _volume,
+    build_on_autoencoder,
     encode_all,
     load_base_autoencoder,
     on_autoencoder_grid,
+    with_mirrors,
 )
 
 
@@ -93,7 +96,6 @@ def flow_scores(model, images: np.ndarray, descriptors: np.ndarray | None, devic
 
 def flow_training(cfg: PipelineConfig, dist, source: str) -> SynthesisTraining:
     from medgen.inference.gate import SCORE_NAME, Calibration
-    from medgen.models import build_model
     from medgen.models.registry import flow_latent_shape
     from medgen.training.objectives_synthesis import FlowObjective
 
@@ -109,18 +111,11 @@ def flow_training(cfg: PipelineConfig, dist, source: str) -> SynthesisTraining:
     train_records, held_records = _flow_records(cfg, source)
     volumes, norms, images, descriptors = _prepared(cfg, train_records)
     labels = np.array([r.label for r in train_records]) if f.num_classes else None
-    if f.flip_augment:  # heads are near mirror-symmetric: the mirrored scans double the data
-        images = np.concatenate([images, images[:, ::-1].copy()])
-        descriptors = None if descriptors is None else np.concatenate([descriptors, descriptors])
-        labels = None if labels is None else np.concatenate([labels, labels])
-
-    torch.manual_seed(cfg.training.seed)
-    model = build_model(cfg)
-    model.autoencoder.load_state_dict(ae.model.state_dict())
-    means, stds = encode_all(model, images, dist.device)
-    model.cpu()  # the trainer places it
+    if f.flip_augment:
+        images, descriptors, labels = with_mirrors(images, descriptors, labels)
+    model, means, stds = build_on_autoencoder(cfg, ae, images, dist.device)
     d = None if descriptors is None else torch.from_numpy(descriptors)
-    model.set_standardisation(model.raw_features(means, d))
+    model.set_standardisation(model.raw_features(means, d), DESCRIPTOR_RESOLUTION if descriptors is not None else None)
     if f.num_classes:
         counts = np.bincount(labels, minlength=f.num_classes) + 1.0  # +1: no class gets zero prior
         model.class_log_prior.copy_(torch.from_numpy(np.log(counts / counts.sum())).float())

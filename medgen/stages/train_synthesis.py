@@ -269,9 +269,27 @@ def encode_all(model, images: np.ndarray, device) -> tuple[torch.Tensor, torch.T
     return torch.cat(means), torch.cat(stds)
 
 
+def with_mirrors(images: np.ndarray, *per_scan):
+    """Images ``(N, D, H, W)`` and their left-right mirrors (heads are near mirror-symmetric:
+    the mirrored scans double the data); per-scan arrays repeated to match, None kept."""
+    mirrored = np.concatenate([images, images[:, ::-1].copy()])
+    return (mirrored, *[None if a is None else np.concatenate([a, a]) for a in per_scan])
+
+
+def build_on_autoencoder(cfg: PipelineConfig, ae, images: np.ndarray, device):
+    """``cfg``'s latent model holding the trained autoencoder ``ae``, and the unscaled posterior
+    means and stds of ``images``; the model is left on the CPU (the trainer places it)."""
+    from medgen.models import build_model
+
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg)
+    model.autoencoder.load_state_dict(ae.model.state_dict())
+    means, stds = encode_all(model, images, device)
+    return model.cpu(), means, stds
+
+
 def latent_diffusion_training(cfg: PipelineConfig, dist, source: str) -> SynthesisTraining:
     from medgen.inference.normalise import IntensityNorm
-    from medgen.models import build_model
     from medgen.training.objectives_synthesis import LatentDiffusionObjective
 
     ld = cfg.model.latent_diffusion
@@ -293,16 +311,9 @@ def latent_diffusion_training(cfg: PipelineConfig, dist, source: str) -> Synthes
     images = np.stack([norm.forward(v.values(np.float32)) for v, norm in zip(volumes, norms)])
     labels = np.array([r.label for r in records]) if ld.num_classes else None
     covariates, ranges = _covariate_matrix(records, list(ld.covariates))
-    if ld.flip_augment:  # heads are near mirror-symmetric: the mirrored scans double the data
-        images = np.concatenate([images, images[:, ::-1].copy()])
-        labels = None if labels is None else np.concatenate([labels, labels])
-        covariates = None if covariates is None else np.concatenate([covariates, covariates])
-
-    torch.manual_seed(cfg.training.seed)
-    model = build_model(cfg)
-    model.autoencoder.load_state_dict(ae.model.state_dict())
-    means, stds = encode_all(model, images, dist.device)
-    model.cpu()  # the trainer places it
+    if ld.flip_augment:
+        images, labels, covariates = with_mirrors(images, labels, covariates)
+    model, means, stds = build_on_autoencoder(cfg, ae, images, dist.device)
     scale = 1.0 / float(means.std())
     model.scale_factor.fill_(scale)
     batches = LatentBatches(means * scale, stds * scale, labels, covariates, cfg.training.batch_size,
