@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from bench.gate_baselines import HistogramDistance, ReconstructionError, auroc, rates_at  # noqa: E402
-from bench.gate_inputs import KINDS, ood_cases  # noqa: E402
+from bench.gate_inputs import KINDS, REAL_CT_PATH, ood_cases  # noqa: E402
 from bench.synthesize import vae_config, write_yaml  # noqa: E402
 
 
@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--transforms", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--feature-noise", type=float, default=0.1)
+    parser.add_argument("--ood-seeds", type=int, default=4, help="sets of out-of-distribution cases")
     parser.add_argument("--fpr", type=float, default=0.01, help="the gate's stated false-positive rate")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
@@ -136,7 +137,10 @@ def main() -> None:
     started = time.perf_counter()
     id_scores = {name: [fn(v) for v in test_volumes] for name, fn in scorers.items()}
     seconds_per_scan = (time.perf_counter() - started) / len(test_volumes)
-    cases = ood_cases(test_volumes, seed=0)
+    cases = {kind: [] for kind in KINDS}
+    for seed in range(args.ood_seeds):  # each seed: other source scans, phantoms and noise
+        for kind, found in ood_cases(test_volumes, seed=seed, ct_path=REAL_CT_PATH if seed == 0 else None).items():
+            cases[kind] += found
     results = {"in-distribution": {name: {"n": len(test_volumes), "fpr": rates_at(thresholds[name], s)}
                                    for name, s in id_scores.items()}}  # fmt: skip
     per_case = []

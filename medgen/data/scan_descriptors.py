@@ -53,8 +53,8 @@ def intensity_descriptors(values: np.ndarray) -> np.ndarray:
             np.log10(window),
             (0.0 - lo) / window,
             (float(shell.mean()) - lo) / window,
-            np.log10(at_max + 1e-4),
-            np.log10(noise + 1e-4),
+            np.log10(at_max + 1e-3),  # + 1e-3: a single brightest voxel is no plateau
+            np.log10(noise + 0.01),  # + 1 %: below that a scan is as good as clean
             float(bright.mean()),
         ]
     )

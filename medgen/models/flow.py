@@ -123,23 +123,14 @@ class LatentFlow(nn.Module):
         """Standardised features ``(B, dim)`` (what the flow models)."""
         return (self.raw_features(latents, descriptors) - self.feature_mean) / self.feature_std
 
-    def set_standardisation(self, raw: torch.Tensor, descriptor_floor: Sequence[float] | None = None) -> None:
-        """Per-feature mean and standard deviation of the training scans' raw features.
-
-        The SDs are floored, or a feature that barely varies over a few training scans
-        would make any held-back scan look impossibly far: latent features at a tenth of
-        their median SD, descriptors at ``descriptor_floor`` (the smallest difference that
-        matters, in their own units).
-        """
+    def set_standardisation(self, raw: torch.Tensor, floor: torch.Tensor | float = 1e-6) -> None:
+        """Per-feature mean and standard deviation of the training scans' raw features, the
+        SDs no smaller than ``floor`` (per feature or one number): a feature that barely
+        varies over a few training scans would otherwise make any held-back scan look
+        impossibly far."""
         std = raw.std(dim=0)
-        latent = std[: self.latent_dim]
-        floor = torch.full_like(std, 0.1 * float(latent.median()) + 1e-6)
-        if self.num_descriptors:
-            if descriptor_floor is None or len(descriptor_floor) != self.num_descriptors:
-                raise ValueError(f"give {self.num_descriptors} descriptor floors")
-            floor[self.latent_dim :] = torch.as_tensor(list(descriptor_floor), dtype=std.dtype)
         self.feature_mean.copy_(raw.mean(dim=0))
-        self.feature_std.copy_(torch.maximum(std, floor))
+        self.feature_std.copy_(torch.maximum(std, torch.as_tensor(floor, dtype=std.dtype).expand_as(std)))
 
     def _context(self, class_labels: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
         if not self.num_classes:

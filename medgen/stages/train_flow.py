@@ -94,6 +94,16 @@ def flow_scores(model, images: np.ndarray, descriptors: np.ndarray | None, devic
     return scores
 
 
+def standardisation_floor(model, means: torch.Tensor) -> torch.Tensor:
+    """Smallest SD per feature: for latent features 5 % of the spread of all latent values
+    (a regional mean that moves less than that is the same anatomy), for descriptors the
+    difference that matters in their own units (:data:`DESCRIPTOR_RESOLUTION`)."""
+    floor = torch.full((model.dim,), 0.05 * float(means.std()) + 1e-6)
+    if model.num_descriptors:
+        floor[model.latent_dim :] = torch.tensor(DESCRIPTOR_RESOLUTION)
+    return floor
+
+
 def flow_training(cfg: PipelineConfig, dist, source: str) -> SynthesisTraining:
     from medgen.inference.gate import SCORE_NAME, Calibration
     from medgen.models.registry import flow_latent_shape
@@ -115,7 +125,7 @@ def flow_training(cfg: PipelineConfig, dist, source: str) -> SynthesisTraining:
         images, descriptors, labels = with_mirrors(images, descriptors, labels)
     model, means, stds = build_on_autoencoder(cfg, ae, images, dist.device)
     d = None if descriptors is None else torch.from_numpy(descriptors)
-    model.set_standardisation(model.raw_features(means, d), DESCRIPTOR_RESOLUTION if descriptors is not None else None)
+    model.set_standardisation(model.raw_features(means, d), standardisation_floor(model, means))
     if f.num_classes:
         counts = np.bincount(labels, minlength=f.num_classes) + 1.0  # +1: no class gets zero prior
         model.class_log_prior.copy_(torch.from_numpy(np.log(counts / counts.sum())).float())
