@@ -117,16 +117,12 @@ def vae_config(work: Path, name: str, args, device: str, data: dict) -> Path:
 
 
 def train_models(work: Path, args, device: str) -> dict[str, Path]:
-    from medgen.stages.train import train
-
     uri = f"sqlite:///{work / 'mlflow.db'}"
     grid = {"shape_vox": [args.size] * 3, "spacing_mm": [96.0 / args.size] * 3}
     common = {"device": device, "log_every": 50, "checkpoint_every": 10**6}
     ae = vae_config(work, "vae", args, device, {
         "labels_csv": str(work / "train" / "labels.csv"), "val_fraction": 0.1, "grid": grid})  # fmt: skip
-    started = time.perf_counter()
-    ae_model = train(ae, tracking_uri=uri, progress=False, resume=False).model_path
-    print(f"autoencoder: {args.ae_steps} steps in {time.perf_counter() - started:.0f} s")
+    ae_model = reused(work, "vae", args) or timed_train(ae, uri, f"autoencoder: {args.ae_steps} steps")
     models = {"autoencoder": ae_model}
     for training in ("ddpm", "rflow"):
         cfg = write_yaml(work / f"ldm-{training}.yaml", {
@@ -139,9 +135,8 @@ def train_models(work: Path, args, device: str) -> dict[str, Path]:
                          "ema_decay": 0.995, "val_every": 10**6, "out_dir": str(work / f"ldm-{training}"), **common},
             "data": {"labels_csv": str(work / "train" / "labels.csv")},
         })  # fmt: skip
-        started = time.perf_counter()
-        models[training] = train(cfg, tracking_uri=uri, progress=False, resume=False).model_path
-        print(f"latent diffusion ({training}): {args.ldm_steps} steps in {time.perf_counter() - started:.0f} s")
+        models[training] = reused(work, f"ldm-{training}", args) or timed_train(
+            cfg, uri, f"latent diffusion ({training}): {args.ldm_steps} steps")
     if not args.skip_flow:
         models["flow"] = train_flow(work, args, ae_model, uri, common)
     return models
@@ -151,8 +146,6 @@ def train_flow(work: Path, args, ae_model: Path, uri: str, common: dict) -> Path
     """The normalizing flow over whole latent grids (decodable), on the latent diffusion
     models' training scans: its held-back fraction equals their ``val_fraction`` (0.1) and
     the split is stratified with the same seed."""
-    from medgen.stages.train import train
-
     cfg = write_yaml(work / "flow.yaml", {
         "name": "bench-flow", "experiment": "bench-synthesis",
         "model": {"kind": "flow", "flow": {
@@ -162,9 +155,24 @@ def train_flow(work: Path, args, ae_model: Path, uri: str, common: dict) -> Path
                      "ema_decay": 0.99, "val_every": 10**6, "out_dir": str(work / "flow"), **common},
         "data": {"labels_csv": str(work / "train" / "labels.csv")},
     })  # fmt: skip
+    return reused(work, "flow", args) or timed_train(cfg, uri, f"normalizing flow: {args.flow_steps} steps")
+
+
+def reused(work: Path, name: str, args) -> Path | None:
+    """With ``--reuse``, the model an earlier run of the same settings left in ``work``."""
+    path = work / name / "model.pt"
+    if args.reuse and path.is_file():
+        print(f"{name}: reusing {path}")
+        return path
+    return None
+
+
+def timed_train(cfg: Path, uri: str, what: str) -> Path:
+    from medgen.stages.train import train
+
     started = time.perf_counter()
     path = train(cfg, tracking_uri=uri, progress=False, resume=False).model_path
-    print(f"normalizing flow: {args.flow_steps} steps in {time.perf_counter() - started:.0f} s")
+    print(f"{what} in {time.perf_counter() - started:.0f} s")
     return path
 
 
@@ -263,7 +271,6 @@ def real_anatomy_rows(work: Path, args, device: str) -> list[tuple]:
     from medgen.metrics.masks import foreground_mask
     from medgen.metrics.quality import quality_report
     from medgen.stages.common import load_volume
-    from medgen.stages.train import train
     from medgen.stages.train_synthesis import reconstruct
     from medgen.volume import Volume
 
@@ -274,17 +281,20 @@ def real_anatomy_rows(work: Path, args, device: str) -> list[tuple]:
     write_nifti(lower, work / "icbm_inferior.nii.gz")
     cfg = vae_config(work, "vae-real", args, device,
                      {"train": [str(work / "icbm_inferior.nii.gz")], "patch_size_vox": [32, 32, 32]})
-    started = time.perf_counter()
-    model = load_model(train(cfg, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", progress=False, resume=False).model_path,
-                       device=device).model  # fmt: skip
-    print(f"real-anatomy autoencoder: {args.ae_steps} steps in {time.perf_counter() - started:.0f} s")
+    path = reused(work, "vae-real", args) or timed_train(cfg, f"sqlite:///{work / 'mlflow.db'}",
+                                                         f"real-anatomy autoencoder: {args.ae_steps} steps")
+    model = load_model(path, device=device).model
     cases = {"ICBM T1 superior half (unseen anatomy)": values[:, :, split:],
              "ICBM T1 inferior half (trained on)": values[:, :, :split]}  # fmt: skip
     if (DATA / "CT_AVM.nii.gz").is_file():
         cases["head CT (unseen volume)"] = load_volume(DATA / "CT_AVM.nii.gz").values(np.float32)
     rows = []
     for name, array in cases.items():
-        crop = array[tuple(slice(0, (n // 4) * 4) for n in array.shape)]
+        # A central crop of at most --real-crop voxels per axis: scoring whole volumes in
+        # overlapping 32^3 patches does not fit a CPU run.
+        side = [min(n, args.real_crop) // 4 * 4 for n in array.shape]
+        start = [(n - s) // 2 for n, s in zip(array.shape, side)]
+        crop = array[tuple(slice(a, a + s) for a, s in zip(start, side))]
         x = IntensityNorm.fit(crop).forward(crop)
         out = reconstruct(model, x, torch.device(device), patch_vox=(32, 32, 32))  # as trained
         r = quality_report(out, x, 1.0, mask=foreground_mask(x))
@@ -312,6 +322,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--decode-latent", type=int, default=40, help="latent side for the decoding rows (x4 voxels)")
     parser.add_argument("--skip-real", action="store_true", help="skip the real-anatomy autoencoder")
+    parser.add_argument("--real-crop", type=int, default=96, help="real-anatomy scoring: central crop side (voxels)")
+    parser.add_argument("--reuse", action="store_true", help="reuse models an earlier run left in --work")
+    parser.add_argument("--only-real", action="store_true", help="only the real-anatomy autoencoder rows")
     parser.add_argument("--quick", action="store_true", help="tiny everything: a smoke test, not a result")
     args = parser.parse_args()
     if args.quick:
@@ -326,6 +339,9 @@ def main() -> None:
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    if args.only_real:
+        real_anatomy_table(work, args)
+        return
     shape = (args.size,) * 3
     write_cohort(work / "train", n_per_class=args.n_train, seed=0, shape=shape)
     write_cohort(work / "heldout", n_per_class=args.n_heldout, seed=1, shape=shape)
@@ -373,11 +389,18 @@ def main() -> None:
     for row in split_decode_rows(models["autoencoder"], args.device, side, max(2, side // 5), args.threads):
         print("| {} | {:.2f} | {:.0f} | {:.4f} |".format(*row))
 
-    if (DATA / MR_FILE).is_file() and not args.skip_real:
-        print("\n## Autoencoder on real anatomy (patch-based, native 1 mm, 4x compression per axis)\n")
-        print("| volume | voxels | PSNR dB | PSNR fg dB | SSIM | SSIM fg |\n|---|---|---|---|---|---|")
-        for row in real_anatomy_rows(work, args, args.device):
-            print("| {} | {} | {:.2f} | {:.2f} | {:.4f} | {:.4f} |".format(*row))
+    if not args.skip_real:
+        real_anatomy_table(work, args)
+
+
+def real_anatomy_table(work: Path, args) -> None:
+    if not (DATA / MR_FILE).is_file():
+        print(f"\nreal-anatomy rows skipped: {DATA / MR_FILE} not found")
+        return
+    print("\n## Autoencoder on real anatomy (patch-based, native 1 mm, 4x compression per axis)\n")
+    print("| volume | voxels | PSNR dB | PSNR fg dB | SSIM | SSIM fg |\n|---|---|---|---|---|---|")
+    for row in real_anatomy_rows(work, args, args.device):
+        print("| {} | {} | {:.2f} | {:.2f} | {:.4f} | {:.4f} |".format(*row))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,22 @@ DESCRIPTOR_NAMES = (
 DESCRIPTOR_RESOLUTION = (0.02, 0.01, 0.01, 0.1, 0.05, 0.01)
 
 
-def intensity_descriptors(values: np.ndarray) -> np.ndarray:
-    """:data:`DESCRIPTOR_NAMES` of one finite, non-constant 3D array (float64 vector).
+def saturation_fraction(values: np.ndarray) -> float:
+    """Share of the bright voxels (above 10 % of the 0.5-99.5 percentile window) that sit at
+    the maximum: a clipped scan has a plateau there, an unclipped one a handful of voxels.
+    Measured on the scan's own voxels: resampling onto a grid blurs a plateau's edges away."""
+    v = np.asarray(values)
+    lo, hi = (float(p) for p in np.percentile(v, [0.5, 99.5]))
+    window = max(hi - lo, 1e-12 * max(abs(hi), 1.0), np.finfo(np.float64).tiny)
+    vmax = float(v.max())
+    at_max = np.count_nonzero(v >= vmax - 1e-4 * window)
+    return at_max / max(int(np.count_nonzero(v > lo + 0.1 * window)), 1)
+
+
+def intensity_descriptors(values: np.ndarray, source_values: np.ndarray | None = None) -> np.ndarray:
+    """:data:`DESCRIPTOR_NAMES` of one finite, non-constant 3D array (float64 vector):
+    ``values`` on the model's grid; ``source_values`` (the scan's own voxels, when given)
+    for the saturation.
 
     Examples
     --------
@@ -40,12 +54,10 @@ def intensity_descriptors(values: np.ndarray) -> np.ndarray:
     """
     v = np.asarray(values, np.float64)
     lo, hi = np.percentile(v, [0.5, 99.5])
-    vmax = float(v.max())
     window = max(hi - lo, 1e-12 * max(abs(hi), 1.0), np.finfo(np.float64).tiny)
     shell = np.concatenate([v[[0, -1]].ravel(), v[:, [0, -1]].ravel(), v[:, :, [0, -1]].ravel()])
     bright = v > lo + 0.1 * window
-    # A clipped scan has many voxels at its maximum (a plateau); an unclipped one almost none.
-    at_max = np.count_nonzero(v >= vmax - 1e-4 * window) / max(np.count_nonzero(bright), 1)
+    at_max = saturation_fraction(v if source_values is None else source_values)
     # Noise from the flattest cells only: anatomy edges dominate plain differences on a coarse grid.
     noise = estimate_noise_sigma(v) / window
     return np.array(

@@ -125,7 +125,7 @@ def prepare_scan(
     values, _ = onto_grid(volume, shape_vox, spacing_mm)
     n = normalisation
     image = IntensityNorm.fit(values, n.mode, n.lower, n.upper).forward(values)
-    return image, (intensity_descriptors(values) if descriptors else None)
+    return image, (intensity_descriptors(values, volume.values(np.float32)) if descriptors else None)
 
 
 class FlowGate:
