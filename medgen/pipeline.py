@@ -105,6 +105,12 @@ class SynthesizeStep(_Step):
     format: Literal["nifti", "dicom"] = "nifti"
 
 
+class CheckStep(_Step):
+    scans: list[Path] = Field(min_length=1)
+    model: str | None = None  # None: the flow of the latest flow train stage
+    out: Path | None = None  # the verdicts as JSON
+
+
 class EvaluateSynthesisStep(_Step):
     synth: Path
     real: Path
@@ -125,6 +131,7 @@ STEP_TYPES: dict[str, type[_Step]] = {
     "synthesize": SynthesizeStep,
     "evaluate_synthesis": EvaluateSynthesisStep,
     "augment": AugmentStep,
+    "check": CheckStep,
 }
 
 
@@ -142,6 +149,7 @@ class Stage(_Step):
     synthesize: SynthesizeStep | None = None
     evaluate_synthesis: EvaluateSynthesisStep | None = None
     augment: AugmentStep | None = None
+    check: CheckStep | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Stage:
@@ -201,6 +209,8 @@ def _resolve_paths(step: _Step, base: Path) -> None:
             setattr(step, name, (base / value).resolve())
         elif isinstance(value, dict):
             setattr(step, name, {k: (base / v).resolve() if isinstance(v, Path) else v for k, v in value.items()})
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            setattr(step, name, [v if v.is_absolute() else (base / v).resolve() for v in value])
         elif isinstance(value, GateOption):
             value.model = resolve_model_path(value.model, base)
 
@@ -239,6 +249,7 @@ class _Context:
         self.progress = progress
         self.model: str | None = None  # the latest enhancement model
         self.synthesis_model: str | None = None  # the latest latent diffusion (or decodable flow) model
+        self.flow_model: str | None = None  # the latest flow (an input gate)
 
     def run(self, kind: str, step: _Step) -> Any:
         return getattr(self, f"_{kind}")(step)
@@ -278,6 +289,8 @@ class _Context:
 
         summary = train(step.config, resume=step.resume, progress=self.progress, **self.tracking)
         kind = summary.config.model.kind
+        if kind == "flow":
+            self.flow_model = str(summary.model_path)
         if kind == "latent_diffusion" or (kind == "flow" and summary.config.model.flow.regions is None):
             self.synthesis_model = str(summary.model_path)
         elif kind not in ("autoencoder", "flow"):
@@ -337,6 +350,14 @@ class _Context:
         return evaluate_synthesis(step.synth, step.real, step.train, out=step.out,
                                   encoder_steps=step.encoder_steps, experiment=self.experiment,
                                   **self.tracking)
+
+    def _check(self, step: CheckStep) -> Any:
+        from medgen.stages.check import check_stage
+
+        model = step.model or self.flow_model
+        if model is None:
+            raise ConfigError("check: no `model` given and no flow train stage before it")
+        return check_stage(step.scans, model, out=step.out, experiment=self.experiment, **self.tracking)
 
     def _augment(self, step: AugmentStep) -> Any:
         from medgen.stages.augment import run_augment_experiment

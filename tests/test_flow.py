@@ -261,3 +261,28 @@ def test_check_command_judges_each_scan_and_names_unreadable_files(trained, tmp_
     assert rows["x100.nii.gz"]["verdict"] == "out" and rows["broken.nii.gz"]["verdict"] == "error"
     assert rows["broken.nii.gz"]["reason"] and rows["sub-0002.nii.gz"]["score"] is not None
     assert "x100.nii.gz" in result.output and "far below" in result.output
+
+
+def test_check_pipeline_step_writes_verdicts_and_an_mlflow_run(trained, tmp_path):
+    from medgen.pipeline import run_pipeline
+    from medgen.tracking import Tracker
+
+    m, summary = trained
+    scan = _scan(m, "sub-0003.nii.gz")
+    nib.save(nib.Nifti1Image(scan.values(np.float32) * 100, scan.affine), tmp_path / "x100.nii.gz")
+    (tmp_path / "gate.yaml").write_text(textwrap.dedent(f"""
+        name: gate-check
+        experiment: {EXPERIMENT}
+        stages:
+          - check:
+              model: {summary.model_path}
+              scans: [x100.nii.gz, {m.cohort_csv.parent / "sub-0003.nii.gz"}]
+              out: verdicts.json
+        """))
+    result = run_pipeline(tmp_path / "gate.yaml", tracking_uri=m.uri, progress=False)
+    rows = json.loads((tmp_path / "verdicts.json").read_text())["scans"]
+    assert [r["name"] for r in rows] == ["x100.nii.gz", "sub-0003.nii.gz"] and rows[0]["verdict"] == "out"
+    tracker = Tracker(EXPERIMENT, uri=m.uri)
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    check = [r for r in runs if r.data.tags.get("medgen.stage") == "check"]
+    assert len(check) == 1 and check[0].data.metrics["scans_out"] >= 1

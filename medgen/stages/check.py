@@ -61,7 +61,32 @@ def check_scans(paths: list[Path], model: str, *, device: str = "cpu", tracking_
     return summary
 
 
-def _print_table(summary: CheckSummary) -> None:
+def check_stage(
+    scans: list[Path], model: str, *, out: Path | None = None, experiment: str = "medgen",
+    tracking_uri: str | None = None, parent_run_id: str | None = None,
+) -> CheckSummary:
+    """:func:`check_scans` as a pipeline stage: verdicts as JSON (``out``) and one MLflow run
+    with the counts and the verdict table."""
+    from medgen.io.atomic import atomic_write_bytes
+    from medgen.tracking import Tracker, run_name
+
+    summary = check_scans(scans, model, tracking_uri=tracking_uri)
+    rows = summary.rows()
+    if out is not None:
+        atomic_write_bytes(out, json.dumps({"model": Path(model).name, "scans": rows}, indent=2).encode())
+    n_out = sum(r["verdict"] == "out" for r in rows)
+    tracker = Tracker(experiment, uri=tracking_uri)
+    name = run_name("check", Path(model).parent.name, f"{len(rows)}-scans", f"{n_out}-out")
+    with tracker.run(name, parent_id=parent_run_id, tags={"medgen.stage": "check"}) as run:
+        run.log_params({"gate.model": Path(model).name, "n_scans": len(rows)})
+        run.log_metrics({"scans_in": sum(r["verdict"] == "in" for r in rows), "scans_out": n_out,
+                         "scans_unreadable": len(summary.errors)})  # fmt: skip
+        table = {k: [r[k] if r[k] is not None else float("nan") for r in rows] for k in ("name", "verdict", "score", "z", "reason")}
+        run.log_table(table, "check/verdicts.json", csv_file="check/verdicts.csv")
+    return summary
+
+
+def print_table(summary: CheckSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -87,7 +112,7 @@ def check_command(
     from medgen.training.distributed import pick_device
 
     summary = check_scans(scans, model, device=str(pick_device(device)), tracking_uri=tracking_uri)
-    _print_table(summary)
+    print_table(summary)
     if json_out is not None:
         atomic_write_bytes(json_out, json.dumps({"model": model, "scans": summary.rows()}, indent=2).encode())
     raise typer.Exit(summary.exit_code)

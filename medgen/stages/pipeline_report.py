@@ -42,5 +42,9 @@ def print_stage(kind: str, result: Any) -> None:
         metrics = result.get("metrics", {}) if isinstance(result, dict) else {}
         shown = ", ".join(f"{k.removeprefix('synthesis/')}={v:.4g}" for k, v in sorted(metrics.items()))
         console.print(f"[bold]evaluate_synthesis[/bold]: {shown}")
+    elif kind == "check":
+        from medgen.stages.check import print_table
+
+        print_table(result)
     elif kind == "augment":
         console.print("[bold]augment[/bold]:\n" + result.table())
