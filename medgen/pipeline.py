@@ -12,7 +12,8 @@ degradation presets it trains with live in ``configs/``::
 
 Paths are relative to the pipeline file. ``enhance.model`` defaults to the model of the
 latest ``train`` stage; ``enhance.gate: {model: FLOW, policy: warn|skip}`` judges the scan
-with an input gate first (:mod:`medgen.stages.gating`). Unknown keys and wrong types stop
+with an input gate first (:mod:`medgen.stages.gating`), ``synthesize.gate`` each generated
+volume, and ``check`` lists verdicts for scans. Unknown keys and wrong types stop
 the run before any work, with one line naming the file and the key.
 """
 
@@ -103,6 +104,7 @@ class SynthesizeStep(_Step):
     guidance_scale: float | None = Field(None, ge=0.0)
     temperature: float | None = Field(None, ge=0.0)  # flows only
     format: Literal["nifti", "dicom"] = "nifti"
+    gate: GateOption | None = None  # judge each generated volume; policy skip: an "out" one is not written
 
 
 class CheckStep(_Step):
@@ -338,11 +340,12 @@ class _Context:
         if model is None:
             raise ConfigError("synthesize: no `model` given and no latent_diffusion train stage before it "
                               "(nor a flow with `regions: null`)")
+        gate = {"gate": step.gate.model, "gate_policy": step.gate.policy} if step.gate is not None else {}
         return synthesize(model, step.out, n=step.n, condition=step.condition, sampler=step.sampler,
                           steps=step.steps, seed=step.seed, guidance_scale=step.guidance_scale,
                           temperature=step.temperature,
                           format=step.format, experiment=self.experiment, progress=self.progress,
-                          **self.tracking)
+                          **gate, **self.tracking)
 
     def _evaluate_synthesis(self, step: EvaluateSynthesisStep) -> Any:
         from medgen.stages.evaluate_synthesis import evaluate_synthesis

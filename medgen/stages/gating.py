@@ -115,3 +115,40 @@ def with_verdict(volume, verdict, option: GateOption):
     if not verdict.inside:
         marked.meta.provenance.append(f"enhanced although the input gate found the input out: {verdict.reason}")
     return marked
+
+
+# -- the gate over generated volumes (synthesis: a quality filter on each sample) ---------------
+
+
+def option_from_flags(gate: str | Path | None, policy: str) -> GateOption | None:
+    """``--gate``/``--gate-policy`` as a :class:`GateOption` (None without a gate); an unknown
+    policy is a one-line ParameterError before any work."""
+    if gate is None:
+        return None
+    from medgen.validate import look_up_option
+
+    return GateOption(model=str(gate), policy=look_up_option("gate_policy", policy, GATE_POLICIES))
+
+
+def record_entry(verdict, option: GateOption) -> dict[str, Any]:
+    """:func:`sidecar_entry` with lower-case keys, for records that are lower-case already
+    (a synthetic volume's ``"synthesis"`` record)."""
+    return {key.lower(): value for key, value in sidecar_entry(verdict, option).items()}
+
+
+def generated_warning_line(subject: str, verdict, policy: str) -> str:
+    """The loud line printed for a generated volume the gate finds "out"."""
+    action = "written anyway (gate policy warn)" if policy == "warn" else "NOT written (gate policy skip)"
+    return f"WARNING: gate: generated volume {subject} is OUT ({score_text(verdict)}): {verdict.reason}; {action}"
+
+
+def warn_generated(subject: str, verdict, policy: str) -> None:
+    """Print :func:`generated_warning_line` on stderr (nothing for an "in" volume)."""
+    if not verdict.inside:
+        print(generated_warning_line(subject, verdict, policy), file=sys.stderr, flush=True)
+
+
+def out_metrics(verdicts: list) -> dict[str, float]:
+    """``gate/n_out`` and ``gate/fraction_out`` over several verdicts (none: both 0)."""
+    n_out = sum(1 for v in verdicts if not v.inside)
+    return {"gate/n_out": float(n_out), "gate/fraction_out": n_out / len(verdicts) if verdicts else 0.0}

@@ -38,6 +38,8 @@ def print_stage(kind: str, result: Any) -> None:
     elif kind == "synthesize":
         console.print(f"[bold]synthesize[/bold]: {len(result.paths)} synthetic volumes, "
                       f"{result.seconds_per_volume:.1f} s each, peak memory {result.peak_memory_mb:.0f} MB")
+        for line in result.gate_lines():
+            console.print(line, markup=False)
     elif kind == "evaluate_synthesis":
         metrics = result.get("metrics", {}) if isinstance(result, dict) else {}
         shown = ", ".join(f"{k.removeprefix('synthesis/')}={v:.4g}" for k, v in sorted(metrics.items()))

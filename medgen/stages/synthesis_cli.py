@@ -46,24 +46,43 @@ def synthesize_command(
         int | None,
         typer.Option("--slab", metavar="LATENT_VOX", help="Decode exactly in slabs this many latent voxels thick (bounded memory)."),
     ] = None,
+    gate: Annotated[
+        str | None,
+        typer.Option("--gate", metavar="FLOW",
+                     help="Judge each generated volume with this gate (a calibrated flow: file, run folder or "
+                          "MLflow URI) before writing it."),
+    ] = None,
+    gate_policy: Annotated[
+        str,
+        typer.Option("--gate-policy",
+                     help="What a volume the gate finds out gets: warn (written, with a warning) or skip (not "
+                          "written; the other samples keep their indices)."),
+    ] = "warn",
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help=_TRACKING_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Generate synthetic volumes (always marked synthetic) with a latent diffusion model or a
     normalizing flow trained on whole latent grids (`regions: null`); a class-conditioned flow
-    given no label draws each volume's label from its training class frequencies."""
+    given no label draws each volume's label from its training class frequencies.
+
+    With --gate the count of volumes found out is printed, and each skipped sample with its
+    reason; when --gate-policy skip leaves nothing to write the exit status is 3."""
     from medgen.stages.synthesize import parse_conditions, synthesize
 
     summary = synthesize(
         model, out, n=n, condition=parse_conditions(condition), sampler=sampler, steps=steps, seed=seed,
         guidance_scale=guidance, temperature=temperature, format=format, device=device, slab_latent_vox=slab,
-        tracking_uri=tracking_uri, progress=not quiet,
+        tracking_uri=tracking_uri, progress=not quiet, gate=gate, gate_policy=gate_policy,
     )  # fmt: skip
     typer.echo(
         f"wrote {len(summary.paths)} synthetic volume(s) to {out}  "
         f"({summary.seconds_per_volume:.1f} s per volume, peak memory {summary.peak_memory_mb:.0f} MB, "
         f"MLflow run {summary.run_id})"
     )
+    for line in summary.gate_lines():
+        typer.echo(line)
+    if not summary.paths:  # as `medgen enhance --gate-policy skip`: nothing written is status 3
+        raise typer.Exit(3)
 
 
 def register(app: typer.Typer) -> None:
