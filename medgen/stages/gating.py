@@ -73,16 +73,17 @@ def gated_reason(verdict) -> str:
     return f"out of the gate's distribution ({score_text(verdict)}): {verdict.reason}"
 
 
-def warning_line(subject: str, verdict, policy: str) -> str:
-    """The loud line printed for an "out" scan under either policy."""
-    action = "enhancing it anyway (gate policy warn)" if policy == "warn" else "NOT enhanced (gate policy skip)"
-    return f"WARNING: input gate: {subject} is OUT ({score_text(verdict)}): {verdict.reason}; {action}"
+def warning_line(subject: str, verdict, policy: str, *, anyway: str = "enhancing it anyway",
+                 skipped: str = "NOT enhanced", what: str = "input gate") -> str:
+    """The loud line printed for an "out" scan (or generated volume) under either policy."""
+    action = f"{anyway} (gate policy warn)" if policy == "warn" else f"{skipped} (gate policy skip)"
+    return f"WARNING: {what}: {subject} is OUT ({score_text(verdict)}): {verdict.reason}; {action}"
 
 
-def warn(subject: str, verdict, policy: str) -> None:
+def warn(subject: str, verdict, policy: str, **wording: str) -> None:
     """Print :func:`warning_line` on stderr (nothing for an "in" scan)."""
     if not verdict.inside:
-        print(warning_line(subject, verdict, policy), file=sys.stderr, flush=True)
+        print(warning_line(subject, verdict, policy, **wording), file=sys.stderr, flush=True)
 
 
 def log_verdict(run, verdict, option: GateOption) -> None:
@@ -134,18 +135,6 @@ def record_entry(verdict, option: GateOption) -> dict[str, Any]:
     """:func:`sidecar_entry` with lower-case keys, for records that are lower-case already
     (a synthetic volume's ``"synthesis"`` record)."""
     return {key.lower(): value for key, value in sidecar_entry(verdict, option).items()}
-
-
-def generated_warning_line(subject: str, verdict, policy: str) -> str:
-    """The loud line printed for a generated volume the gate finds "out"."""
-    action = "written anyway (gate policy warn)" if policy == "warn" else "NOT written (gate policy skip)"
-    return f"WARNING: gate: generated volume {subject} is OUT ({score_text(verdict)}): {verdict.reason}; {action}"
-
-
-def warn_generated(subject: str, verdict, policy: str) -> None:
-    """Print :func:`generated_warning_line` on stderr (nothing for an "in" volume)."""
-    if not verdict.inside:
-        print(generated_warning_line(subject, verdict, policy), file=sys.stderr, flush=True)
 
 
 def out_metrics(verdicts: list) -> dict[str, float]:

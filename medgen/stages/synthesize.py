@@ -175,7 +175,8 @@ def synthesize(
         if flow_gate is not None:
             verdict = flow_gate.check(volume, name=volume.meta.series_key)
             verdicts.append(verdict)
-            gating.warn_generated(volume.meta.series_key, verdict, gate_option.policy)
+            gating.warn(f"generated volume {volume.meta.series_key}", verdict, gate_option.policy,
+                        anyway="written anyway", skipped="NOT written", what="gate")
             if not verdict.inside and gate_option.policy == "skip":
                 continue  # no replacement drawn: sample i of this seed stays the same volume
             _mark(volume, verdict, gate_option)
