@@ -484,6 +484,15 @@ class Tracker:
         return f"models:/{registered_name}/{version.version}"
 
     # -- reading back ----------------------------------------------------------------
+    def find_run(self, run_id: str):
+        """The run ``run_id``, or None when this store has no such run (deleted, another store)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            return None
+
     def get_run(self, run_id: str):
         return self.client.get_run(run_id)
 

@@ -76,7 +76,7 @@ def test_wrong_type_names_key_and_expectation_on_one_line(tmp_path):
 def test_literal_option_and_list_length_errors(tmp_path):
     path = write(tmp_path, "model: {kind: unett}\n")
     with pytest.raises(
-        ConfigError, match=r"model\.kind: input should be 'unet', 'gan', 'diffusion', 'autoencoder' or 'latent_diffusion', got 'unett'"
+        ConfigError, match=r"model\.kind: input should be 'unet', 'gan', 'diffusion', 'autoencoder', 'latent_diffusion' or 'flow', got 'unett'"
     ):
         load_config(path)
     path = write(tmp_path, "data: {patch_size_vox: [32, 32]}\n", "c.yaml")

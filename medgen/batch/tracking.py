@@ -166,11 +166,8 @@ def _open_runs(tracker: Tracker, batch_id: str) -> list[str]:
 def _reopen(tracker: Tracker, run_id: str, batch_id: str, digest: str) -> BatchRun | None:
     """The run ``run_id`` running again, when it is this batch's, in this experiment, with
     this pipeline; else None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = tracker.client.get_run(run_id)
-    except MlflowException:  # another store, or deleted
+    run = tracker.find_run(run_id)
+    if run is None:  # another store, or deleted
         return None
     if (run.info.experiment_id != tracker.experiment_id or run.data.tags.get(BATCH_ID_TAG) != batch_id
             or run.data.params.get("pipeline.digest") != digest):
@@ -181,13 +178,9 @@ def _reopen(tracker: Tracker, run_id: str, batch_id: str, digest: str) -> BatchR
 
 
 def _close_killed(tracker: Tracker, run_id: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        if tracker.client.get_run(run_id).info.status == "RUNNING":
-            tracker.end_run(run_id, "KILLED")
-    except MlflowException:
-        pass
+    run = tracker.find_run(run_id)
+    if run is not None and run.info.status == "RUNNING":
+        tracker.end_run(run_id, "KILLED")
 
 
 __all__ = ["BatchRun", "end_batch_run", "log_whole_table", "pipeline_digest", "start_batch_run", "study_table"]
