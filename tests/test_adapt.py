@@ -106,7 +106,8 @@ def test_sure_trusts_a_good_extra_estimate_and_not_a_useless_one(phantom, data_r
         extra_estimates=[lambda v: v.copy()], record=record,
     )
     assert abs(psnr(identity, phantom, data_range) - without) < 0.3
-    assert record["params"]["n_extra_estimates"] == 1 and record["params"]["n_basis"] == 9 * 18
+    # 8 classical features, the collaborative estimate and the extra one, 18 bands each.
+    assert record["params"]["n_extra_estimates"] == 1 and record["params"]["n_basis"] == 10 * 18
     with pytest.raises(ValueError, match="`extra_estimates` are weighted by the SURE fit: they need `seconds` > 0"):
         adapt_denoise(noisy, (4.5,) * 3, noise_sigma=sigma, seconds=0, extra_estimates=[lambda v: v])
 

@@ -17,14 +17,18 @@ The recipe (``bench/README.md`` records what it measures):
    weights — is estimated with one random probe ``b`` and a finite difference,
    ``b . (phi_k(y + eps b) - phi_k(y)) / eps`` (Monte-Carlo SURE, Ramani et al. 2008); with a
    few hundred weights and millions of voxels the single probe cannot be over-fitted.
+   When adapting, one more feature joins: a BM4D-style collaborative estimate (cubes grouped
+   by block matching on the anchor, hard threshold then empirical Wiener shrinkage of each
+   group's 4D DCT, :mod:`medgen.adapt.block_matching`); its groups stay fixed for the probe.
 3. **Pre-trained weights** (:func:`pretrain_denoiser`): the same expansion fitted with the
    clean reference on *other* scans with synthetic noise; used as is ("no adaptation") or as
    the prior that adaptation shrinks towards (``prior_weight``).
 
 Rician (MR magnitude) noise: the expansion estimates the magnitude's mean ``E[M | A]``, with
 the per-voxel variance ``v_i = E[M^2] - E[M]^2`` of the Rician distribution taken from a first
-estimate of ``A`` (heteroscedastic SURE); the Rician noise floor is then removed with
-``sqrt(max(f^2 - 2 sigma^2, 0))``, the correction the non-local-means baseline uses.
+estimate of ``A`` (heteroscedastic SURE); the Rician noise floor is then removed by inverting
+that mean (exactly well above the floor, with ``sqrt(max(f^2 - 2 sigma^2, 0))`` near it: see
+:func:`~medgen.adapt.rician.remove_rician_floor`).
 
 All volumes are ``(I, J, K)`` float32 in the image's own units; ``noise_sigma`` is in those
 units (per quadrature channel for Rician noise).
@@ -32,7 +36,6 @@ units (per quadrature channel for Rician noise).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +43,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medgen.adapt.block_matching import COLLABORATIVE_REACH_VOX, CollaborativeTerm
 from medgen.adapt.common import AdaptRecord, IntensityScale, budget_is_empty, check_budget
+from medgen.adapt.rician import remove_rician_floor, rician_mean, rician_mean_inverse
 from medgen.validate import (
     ParameterError,
     check_non_negative,
@@ -63,7 +68,6 @@ __all__ = [
 
 NoiseKind = Literal["gaussian", "rician"]
 
-_SQRT_HALF_PI = math.sqrt(math.pi / 2.0)
 #: Non-local means feature channels: (patch side, search radius, h / sigma).
 NLM_SETTINGS = ((5, 3, 0.4), (5, 3, 0.6), (5, 3, 0.9), (3, 3, 0.6))
 ANCHOR_CHANNEL = 2  # non-local means (5, 3, 0.6): the estimate the band weights look at
@@ -76,55 +80,18 @@ _PROBE_STREAM = 0x5C0BE  # spawn key that separates the SURE probe from other us
 _SLAB_VOXELS = 1 << 16  # voxels per slab when accumulating the normal equations
 N_BANDS = len(INTENSITY_BANDS) * len(EDGE_BANDS)
 N_BASIS = N_FEATURES * N_BANDS
-#: Side (voxels) of the largest box on which SURE is fitted (4 M voxels: plenty for 144 weights).
+#: Side (voxels) of the largest box on which SURE is fitted (4 M voxels: plenty for 144 weights);
+#: 128 with the collaborative term, whose wider margin it makes room for.
 FIT_BOX_VOX = 160
 #: How far a voxel's features reach: NLM search 3 + patch radius 2, then the edge strength's
 #: 1-voxel Gaussian (radius 4) and gradient (1); Gaussian features reach 6.
 _FEATURE_REACH_VOX = 12
-
-
-def rician_mean(amplitude: np.ndarray | float, sigma: float) -> np.ndarray | float:
-    """``E[M]`` of a Rician magnitude ``M`` with true amplitude ``A >= 0`` and noise ``sigma``.
-
-    ``E[M] = sigma sqrt(pi/2) L_1/2(-A^2 / 2 sigma^2)``, evaluated with exponentially scaled
-    Bessel functions: ``sigma sqrt(pi/2) [(1 + t) i0e(t/2) + t i1e(t/2)]``, ``t = A^2/2sigma^2``.
-    It is ``sigma sqrt(pi/2)`` at ``A = 0`` and tends to ``sqrt(A^2 + sigma^2)`` at high SNR.
-
-    Examples
-    --------
-    >>> round(float(rician_mean(np.float32(0.0), 2.0) / (2.0 * np.sqrt(np.pi / 2))), 6)
-    1.0
-    >>> round(float(rician_mean(np.float32(100.0), 1.0)), 3)
-    100.005
-    """
-    from scipy import special
-
-    a = np.maximum(np.asarray(amplitude, dtype=np.float64), 0.0)
-    t = a * a / (2.0 * sigma * sigma)
-    out = sigma * _SQRT_HALF_PI * ((1.0 + t) * special.i0e(t / 2) + t * special.i1e(t / 2))
-    return out.astype(np.float32) if isinstance(amplitude, np.ndarray) else float(out)
-
-
-def rician_mean_inverse(mean: np.ndarray, sigma: float) -> np.ndarray:
-    """The amplitude ``A`` whose Rician mean is ``mean`` (0 below the noise floor).
-
-    The mean is monotone in ``A``; it is inverted by interpolation in a table on
-    ``A / sigma`` in ``[0, 40]`` and by ``sqrt(mean^2 - sigma^2)`` beyond (error < 1e-4 sigma).
-
-    Examples
-    --------
-    >>> a = np.array([0.0, 0.5, 1.0, 3.0, 50.0], dtype=np.float32)
-    >>> np.round(rician_mean_inverse(rician_mean(a, 1.0), 1.0), 3)
-    array([ 0. ,  0.5,  1. ,  3. , 50. ], dtype=float32)
-    """
-    sigma = check_positive("sigma", sigma)
-    grid = np.linspace(0.0, 40.0, 4001)
-    table = rician_mean(grid, 1.0)
-    m = np.asarray(mean, dtype=np.float64) / sigma
-    out = np.interp(m, table, grid, left=0.0)
-    high = m > table[-1]
-    out[high] = np.sqrt(m[high] ** 2 - 1.0)
-    return (out * sigma).astype(np.float32)
+#: Scans thinner than this (a few slices) leave the collaborative term out: too few cubes to match.
+_COLLABORATIVE_MIN_SIDE_VOX = 8
+#: Fit boxes of at least this many voxels (128^3, the largest with the collaborative term)
+#: match its groups again for the probe; smaller ones keep them (measured on 48^3 and 128^3
+#: crops: see :class:`~medgen.adapt.block_matching.CollaborativeTerm`).
+_REMATCH_MIN_VOXELS = 1 << 21
 
 
 def _check_noise(noise: Any) -> str:
@@ -254,6 +221,11 @@ def _slabs(n0: int, per_slab: int) -> list[slice]:
     return [slice(i, min(i + step, n0)) for i in range(0, n0, step)]
 
 
+def _fit_box_side(reach: int) -> int:
+    """A wider reach shrinks the fit box, so that box and margin cost what they did without it."""
+    return FIT_BOX_VOX - 2 * (reach - _FEATURE_REACH_VOX)
+
+
 def _fit_box(y: np.ndarray, side: int) -> tuple[slice, slice, slice]:
     """A box of at most ``side`` voxels per axis around the bright part of ``y`` (the SURE fit's region)."""
     bright = y > 0.1 * float(np.percentile(y, 99.5))
@@ -274,33 +246,38 @@ def _sure_system(
     noise: str,
     seed: int,
     record: AdaptRecord,
-    extras: Sequence[Callable[[np.ndarray], np.ndarray]] = (),
+    extras: Sequence[_RegionEstimate] = (),
+    reach: int = _FEATURE_REACH_VOX,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normal equations ``(gram, rhs)`` of SURE on a box of the normalised scan ``y``.
 
     ``f0`` are the features of the whole scan (the last ``len(extras)`` of them made by
-    ``extras``). The classical features at ``y + eps b`` are computed on the fit box plus a
-    margin wider than their reach, so that inside the box they match ``f0`` exactly but for
-    the probe. An extra estimate (a network, whose reach is unknown) is run on that margin
-    box twice, with and without the probe, and only its change is used. The SURE-optimal
-    weights solve ``gram a = rhs``.
+    ``extras``, each called with a region of ``y``, its slices and its anchor). The classical
+    features at ``y + eps b`` are computed on the fit box plus a margin wider than their
+    reach, so that inside the box they match ``f0`` exactly but for the probe. An extra
+    estimate (a network, whose reach is unknown) is run on that margin box twice, with and
+    without the probe, and only its change is used. ``reach`` is the margin (voxels): at
+    least how far the features read. The SURE-optimal weights solve ``gram a = rhs``.
     """
     t0 = time.perf_counter()
-    box = _fit_box(y, FIT_BOX_VOX)
-    outer = tuple(slice(max(b.start - _FEATURE_REACH_VOX, 0), min(b.stop + _FEATURE_REACH_VOX, n)) for b, n in zip(box, y.shape))
+    box = _fit_box(y, _fit_box_side(reach))
+    outer = tuple(slice(max(b.start - reach, 0), min(b.stop + reach, n)) for b, n in zip(box, y.shape))
     inner = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer))
     rng = np.random.default_rng(np.random.SeedSequence([seed, _PROBE_STREAM]))
     probe_outer = rng.standard_normal(tuple(o.stop - o.start for o in outer))
     eps = 0.02 * s
     y_outer = y[outer].astype(np.float64)
     f1 = denoise_features(y_outer + eps * probe_outer, s)
-    e1 = _edge_strength(f1[ANCHOR_CHANNEL], s)[inner]
+    anchor0, anchor1 = f0[(ANCHOR_CHANNEL, *outer)].astype(np.float64), f1[ANCHOR_CHANNEL]
+    e1 = _edge_strength(anchor1, s)[inner]
+    if extras:
+        unprobed = [fn(y_outer, outer, anchor0)[inner] for fn in extras]
+        changes = [fn(y_outer + eps * probe_outer, outer, anchor1)[inner] - u for fn, u in zip(extras, unprobed)]
     f1 = f1[(slice(None), *inner)]
     probe = probe_outer[inner]
     e0 = _edge_strength(f0[ANCHOR_CHANNEL], s)[box]
     f0 = f0[(slice(None), *box)]
     if extras:
-        changes = [(fn(y_outer + eps * probe_outer) - fn(y_outer))[inner] for fn in extras]
         f1 = np.concatenate([f1, f0[N_FEATURES:] + np.stack(changes)])
     n_features = f0.shape[0]
     yb = y[box]
@@ -323,6 +300,19 @@ def _sure_system(
     record.params["seconds_fit"] = round(time.perf_counter() - t0, 2)
     # SURE(a) = |y - Phi a|^2 - sum v + 2 sum_k a_k div_k  ->  (Phi^T Phi) a = Phi^T y - div
     return acc.gram, acc.rhs - acc.div
+
+
+#: An added feature: ``(voxels, their region in the scan, the anchor feature there) -> estimate``.
+_RegionEstimate = Callable[[np.ndarray, tuple[slice, ...], np.ndarray], np.ndarray]
+
+
+def _whole(shape: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in shape)
+
+
+def _whole_scan_only(fn: Callable[[np.ndarray], np.ndarray]) -> _RegionEstimate:
+    """A user's estimate as an extra feature: it needs only the voxels, not where they lie."""
+    return lambda v, region, anchor: fn(v)
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray, prior: np.ndarray | None = None, prior_weight: float = 0.0) -> np.ndarray:
@@ -362,7 +352,7 @@ def anchor_weights(n_features: int = N_FEATURES) -> np.ndarray:
 
 def _finish(out: np.ndarray, s: float, noise: str, scale: IntensityScale) -> np.ndarray:
     if noise == "rician":
-        out = np.sqrt(np.maximum(out * out - 2.0 * s * s, 0.0))
+        out = remove_rician_floor(out, s)
     return scale.inverse(out.astype(np.float32))
 
 
@@ -381,6 +371,7 @@ def adapt_denoise(
     prior_weight: float = 0.0,
     extra_estimates: Sequence[Callable[[np.ndarray], np.ndarray]] = (),
     extra_outputs: Sequence[np.ndarray] = (),
+    collaborative: bool = True,
 ) -> np.ndarray:
     """Denoise one scan with an expansion fitted on the scan itself by SURE (no clean data).
 
@@ -423,6 +414,10 @@ def adapt_denoise(
     extra_outputs : sequence of ndarray, optional
         The ``extra_estimates`` already applied to ``volume_values`` (physical units, same
         order), when the caller has them: spares one pass of each over the whole scan.
+    collaborative : bool
+        When adapting, add the BM4D-style collaborative estimate as one more feature (module
+        notes; left out for scans under 8 voxels along some axis); at 128^3 it adds about a
+        third to the time of the fit.
 
     Returns
     -------
@@ -435,6 +430,7 @@ def adapt_denoise(
     seed = check_seed("seed", seed) or 0
     prior_weight = check_non_negative("prior_weight", prior_weight)
     adapt = not budget_is_empty(seconds, max_steps)
+    collaborative = adapt and bool(collaborative) and min(y_phys.shape) >= _COLLABORATIVE_MIN_SIDE_VOX
     if init_model is not None and init_model.noise != noise:
         raise ParameterError(f"`init_model` was fitted for {init_model.noise!r} noise, got noise={noise!r}")
     extra_estimates, extra_outputs = list(extra_estimates), list(extra_outputs)
@@ -461,27 +457,40 @@ def adapt_denoise(
             "spacing_mm": [float(v) for v in spacing_mm],
             "seed": seed,
             "pretrained": init_model is not None,
-            "n_basis": N_BASIS + N_BANDS * len(extra_estimates),
+            "n_basis": N_BASIS + N_BANDS * (len(extra_estimates) + int(collaborative)),
             "n_extra_estimates": len(extra_estimates),
+            "collaborative": collaborative,
         },
     )
 
     def normalised(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
         return lambda v: scale.forward(fn(scale.inverse(v))).astype(np.float64)
 
-    extras = [normalised(fn) for fn in extra_estimates]
+    extras = [_whole_scan_only(normalised(fn)) for fn in extra_estimates]
     t0 = time.perf_counter()
     f0 = denoise_features(y, s, np.float32)
-    if extras:
-        whole = [scale.forward(v) for v in extra_outputs] if extra_outputs else [fn(y) for fn in extras]
-        f0 = np.concatenate([f0, np.stack(whole).astype(np.float32)])
+    added = []
+    reach = max(_FEATURE_REACH_VOX, COLLABORATIVE_REACH_VOX if collaborative else 0)
+    if collaborative:
+        box_voxels = int(np.prod([min(n, _fit_box_side(reach)) for n in y.shape]))
+        term = CollaborativeTerm(s, rematch=box_voxels >= _REMATCH_MIN_VOXELS)
+        rec.params["collaborative_rematch"] = term.rematch
+        added.append(term.estimate(y.astype(np.float64), _whole(y.shape), f0[ANCHOR_CHANNEL].astype(np.float64)))
+        extras.insert(0, term.estimate)
+    if extra_estimates:
+        if extra_outputs:
+            added += [scale.forward(v) for v in extra_outputs]
+        else:
+            added += [normalised(fn)(y) for fn in extra_estimates]
+    if added:
+        f0 = np.concatenate([f0, np.stack(added).astype(np.float32)])
     rec.params["seconds_features"] = round(time.perf_counter() - t0, 2)
     if log is not None:
         log(f"denoise features in {rec.params['seconds_features']:.0f} s")
     if adapt:
-        gram, rhs = _sure_system(y, f0, s, noise, seed, rec, extras)
+        gram, rhs = _sure_system(y, f0, s, noise, seed, rec, extras, reach)
         prior = None
-        if init_model is not None:  # extra features have no prior weight: 0
+        if init_model is not None:  # added features have no prior weight: 0
             prior = np.concatenate([init_model.weights, np.zeros(N_BANDS * len(extras))])
         weights = _solve(gram, rhs, prior, prior_weight)
         rec.steps = 1
