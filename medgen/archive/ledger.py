@@ -417,15 +417,7 @@ class Ledger:
         self, study_key: str, stage: str, *, fingerprint: str, reason: str, seconds: float | None = None
     ) -> None:
         """The stage failed; ``reason`` is stored as one line (no traceback)."""
-        reason = one_line(reason)
-        if not reason:
-            raise ValueError("`reason` must say why the stage failed, got ''")
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE ledger_steps SET status='failed', fingerprint=?, worker=NULL, heartbeat=NULL,"
-                " outputs='[]', reason=?, seconds=?, updated=? WHERE study_key=? AND stage=?",
-                (fingerprint, reason, seconds, time.time(), study_key, stage),
-            )
+        self._end_without_outputs(study_key, stage, "failed", fingerprint, reason, None, seconds)
 
     def mark_gated(
         self,
@@ -440,16 +432,24 @@ class Ledger:
         """The input gate kept the study out of ``stage`` (policy ``skip``): no outputs, the
         verdict in ``metrics`` and ``reason``. Stays so until the stage's fingerprint changes
         (another gate model or policy); ``retry_failed`` leaves it alone."""
+        self._end_without_outputs(study_key, stage, "gated", fingerprint, reason, metrics or {}, seconds)
+
+    def _end_without_outputs(
+        self, study_key: str, stage: str, status: str, fingerprint: str, reason: str,
+        metrics: dict[str, Any] | None, seconds: float | None,
+    ) -> None:  # fmt: skip
+        """Close a step with no outputs and a one-line ``reason``; ``metrics`` None keeps the
+        stored ones (a failure has none to report)."""
         reason = one_line(reason)
         if not reason:
-            raise ValueError("`reason` must say why the gate kept the study out, got ''")
+            raise ValueError(f"`reason` must say why the step ended {status}, got ''")
+        sets = "status=?, fingerprint=?, worker=NULL, heartbeat=NULL, outputs='[]', reason=?, seconds=?, updated=?"
+        values: list[Any] = [status, fingerprint, reason, seconds, time.time()]
+        if metrics is not None:
+            sets += ", metrics=?"
+            values.append(json.dumps(metrics, sort_keys=True))
         with self._transaction() as db:
-            db.execute(
-                "UPDATE ledger_steps SET status='gated', fingerprint=?, worker=NULL, heartbeat=NULL,"
-                " outputs='[]', metrics=?, reason=?, seconds=?, updated=? WHERE study_key=? AND stage=?",
-                (fingerprint, json.dumps(metrics or {}, sort_keys=True), reason, seconds, time.time(),
-                 study_key, stage),
-            )
+            db.execute(f"UPDATE ledger_steps SET {sets} WHERE study_key=? AND stage=?", (*values, study_key, stage))  # noqa: S608 - fixed column names
 
     def mark_pending(self, study_key: str, stage: str, reason: str = "") -> None:
         """Put a step back to ``pending`` (its outputs and metrics are no longer trusted)."""

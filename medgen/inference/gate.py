@@ -157,8 +157,7 @@ class FlowGate:
         x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None].to(self.device)
         mean, _ = self.model.encode(x)
         d = None if descriptors is None else torch.as_tensor(descriptors, dtype=torch.float32, device=self.device)[None]
-        log_prob = self.model(mean, d)
-        return float(-log_prob[0] / self.model.dim)
+        return float(self.model.nll_per_feature(mean, d)[0])
 
     def score(self, volume: Volume) -> float:
         """Negative log-likelihood per feature of ``volume`` (lower = more like training)."""

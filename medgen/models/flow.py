@@ -166,6 +166,12 @@ class LatentFlow(nn.Module):
         return self.log_prob(features, class_labels)
 
     @torch.no_grad()
+    def nll_per_feature(self, latents: torch.Tensor, descriptors: torch.Tensor | None = None) -> torch.Tensor:
+        """The gate's score ``(B,)``: negative log-likelihood per feature of the scans (with
+        classes, under the class mixture), comparable across flows of different sizes."""
+        return -self(latents, descriptors) / self.dim
+
+    @torch.no_grad()
     def sample_features(self, noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Standardised features ``(B, dim)`` from base-distribution noise ``(B, dim)``."""
         noise = noise.float()

@@ -37,6 +37,12 @@ class CheckSummary:
         rows += [{"name": n, "verdict": "error", "inside": False, "score": None, "z": None, "reason": r} for n, r in self.errors]
         return rows
 
+    def write_json(self, path: Path, model: str) -> None:
+        """The verdicts as JSON, written atomically."""
+        from medgen.io.atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, json.dumps({"model": model, "scans": self.rows()}, indent=2).encode())
+
 
 def check_scans(paths: list[Path], model: str, *, device: str = "cpu", tracking_uri: str | None = None) -> CheckSummary:
     """Judge every scan in ``paths`` with the flow gate ``model``.
@@ -67,13 +73,12 @@ def check_stage(
 ) -> CheckSummary:
     """:func:`check_scans` as a pipeline stage: verdicts as JSON (``out``) and one MLflow run
     with the counts and the verdict table."""
-    from medgen.io.atomic import atomic_write_bytes
     from medgen.tracking import Tracker, run_name
 
     summary = check_scans(scans, model, tracking_uri=tracking_uri)
     rows = summary.rows()
     if out is not None:
-        atomic_write_bytes(out, json.dumps({"model": Path(model).name, "scans": rows}, indent=2).encode())
+        summary.write_json(out, Path(model).name)
     n_out = sum(r["verdict"] == "out" for r in rows)
     tracker = Tracker(experiment, uri=tracking_uri)
     name = run_name("check", Path(model).parent.name, f"{len(rows)}-scans", f"{n_out}-out")
@@ -108,13 +113,12 @@ def check_command(
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI for runs:/ and models:/ models.")] = None,
 ) -> None:
     """Is each scan like the scans the model was trained on? In/out with the reason in words."""
-    from medgen.io.atomic import atomic_write_bytes
     from medgen.training.distributed import pick_device
 
     summary = check_scans(scans, model, device=str(pick_device(device)), tracking_uri=tracking_uri)
     print_table(summary)
     if json_out is not None:
-        atomic_write_bytes(json_out, json.dumps({"model": model, "scans": summary.rows()}, indent=2).encode())
+        summary.write_json(json_out, model)
     raise typer.Exit(summary.exit_code)
 
 

@@ -87,11 +87,10 @@ def flow_scores(model, images: np.ndarray, descriptors: np.ndarray | None, devic
     model = model.to(device).eval()
     means, _ = encode_all(model, images, device)
     d = None if descriptors is None else torch.from_numpy(descriptors)
-    scores = []
-    for i in range(len(means)):
-        lp = model(means[i : i + 1].to(device), None if d is None else d[i : i + 1].to(device))
-        scores.append(float(-lp[0] / model.dim))
-    return scores
+    return [
+        float(model.nll_per_feature(means[i : i + 1].to(device), None if d is None else d[i : i + 1].to(device))[0])
+        for i in range(len(means))
+    ]
 
 
 def standardisation_floor(model, means: torch.Tensor) -> torch.Tensor:
