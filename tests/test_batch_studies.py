@@ -66,6 +66,17 @@ def test_dicom_series_are_grouped_by_study_uid_and_nifti_files_stay_apart(tmp_pa
     nifti_keys = {t.key for t in plan_ingest(src, out).tasks if t.kind == "nifti"}
     assert len(nifti_keys) == 2 and nifti_keys <= set(studies)
     assert set(studies) == set(key.values()) | nifti_keys
+    # Derived DICOM: a study's series stay one (new) study under one patient pseudonym.
+    import pydicom
+
+    def study_of(folder: Path) -> tuple[str, str]:
+        ds = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
+        return ds.StudyInstanceUID, ds.PatientID
+
+    derived = {k: {study_of(f) for f in (out / "studies" / k).glob("*_enhanced_dicom")} for k in key.values()}
+    assert [len(derived[key[uid]]) for uid in (STUDY_A, STUDY_B, STUDY_C)] == [1, 1, 1]
+    assert len(set().union(*derived.values())) == 3  # three studies, three UIDs and pseudonyms
+    assert len({f for f in (out / "studies" / key[STUDY_A]).glob("*_enhanced_dicom")}) == 2
     # No UID of the archive anywhere in the outputs (gzip-compressed ones read uncompressed).
     for path in [p for p in out.rglob("*") if p.is_file()]:
         data = path.read_bytes()

@@ -183,6 +183,15 @@ def test_uid_seed_and_created_make_output_reproducible(tmp_path):
     assert pydicom.dcmread(a[0]).SeriesDate == "20240506"
 
 
+def test_series_of_one_study_key_share_study_uid_and_pseudonym(tmp_path):
+    vol = ct_volume(shape=(4, 4, 2))
+    one = [read_series(write_dicom_series(vol, tmp_path / n, uid_seed=n, study_key="study-9"))[0] for n in "ab"]
+    other = read_series(write_dicom_series(vol, tmp_path / "c", uid_seed="c", study_key="study-10"))[0]
+    assert one[0].StudyInstanceUID == one[1].StudyInstanceUID != other.StudyInstanceUID
+    assert one[0].SeriesInstanceUID != one[1].SeriesInstanceUID
+    assert [ds.PatientID for ds in (*one, other)] == ["study-9", "study-9", "study-10"]
+
+
 def test_existing_folder_needs_overwrite(tmp_path):
     vol = ct_volume(shape=(4, 4, 3))
     out = tmp_path / "s"

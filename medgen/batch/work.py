@@ -317,7 +317,7 @@ class StudyWorker:
                 folder = f"{stem}_enhanced_dicom"
                 write_dicom_series(enhanced, out / folder, series_description="medgen batch enhanced",
                                    overwrite=True, uid_seed=f"{task.key}/{Path(stem).name}",
-                                   created=_fixed_time())
+                                   created=_fixed_time(), study_key=task.key)
                 written.append(folder)
             if settings.montage:
                 picture = f"{stem}_montage.png"

@@ -201,6 +201,7 @@ def _base_dataset(
     series_number: int | None,
     uid_seed: str | None,
     created: _dt.datetime,
+    study_key: str | None = None,
 ) -> pydicom.Dataset:
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -228,12 +229,13 @@ def _base_dataset(
     ds.SoftwareVersions = f"medgen {__version__}"
     ds.ReferringPhysicianName = ""
     ds.SeriesDescription = series_description[:64]
-    pseudonym = (volume.meta.series_key or "anonymous")[:64]
+    pseudonym = (study_key or volume.meta.series_key or "anonymous")[:64]
     ds.PatientName = pseudonym
     ds.PatientID = pseudonym
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
-    ds.StudyInstanceUID = _new_uid(uid_seed, "study")
+    # Series written under one study key belong together: one new study, one patient pseudonym.
+    ds.StudyInstanceUID = _new_uid(uid_seed, "study") if study_key is None else _new_uid(study_key, "study")
     ds.SeriesInstanceUID = _new_uid(uid_seed, "series")
     ds.FrameOfReferenceUID = _new_uid(uid_seed, "frame")
     ds.StudyID = ""
@@ -291,6 +293,7 @@ def write_dicom_series(
     overwrite: bool = False,
     uid_seed: str | None = None,
     created: _dt.datetime | None = None,
+    study_key: str | None = None,
 ) -> list[Path]:
     """Write a 3D volume as one DICOM file per slice (Explicit VR Little Endian).
 
@@ -323,6 +326,11 @@ def write_dicom_series(
         Derive the new UIDs from this string instead of randomly (reproducible output).
     created : datetime, optional
         Date/time written as series/content/instance creation time; default now.
+    study_key : str, optional
+        Pseudonymous key of the study the series belongs to: every series written with the
+        same key gets the same new StudyInstanceUID (derived from the key) and the key as
+        PatientName/PatientID, so a study's derived series stay one study in a PACS. Ignored
+        for the UID with ``keep_study``, which copies the source's.
 
     Returns
     -------
@@ -356,6 +364,7 @@ def write_dicom_series(
         series_number=series_number,
         uid_seed=uid_seed,
         created=created,
+        study_key=study_key,
     )
     n_i, n_j, n_k = pixels.shape
     k_step = volume.affine[:3, 2] * _LPS
