@@ -97,3 +97,15 @@ def test_synthesis_pipelines_take_no_archive_and_stand_alone(ldm_path, tmp_path)
     archive.write_text("name: x\nstages:\n  - ingest: {}\n  - enhance: {model: identity}\n")
     with pytest.raises(InputError, match="give the archive folder"):
         run_batch(archive, None, tmp_path / "out3", track=False, progress=False)
+
+
+def test_a_request_the_model_cannot_serve_is_refused_before_any_sample(ldm_path, tmp_path):
+    # Label 7 is not one of the model's classes: one error naming the pipeline, no ledger work.
+    pipeline = _pipeline(tmp_path / "bad.yaml", ldm_path, conditions=[{"label": 0, "age_years": 70}, {"label": 7}])
+    with pytest.raises(InputError, match=r"bad\.yaml.*synthesize:.*label") as caught:
+        run_batch(pipeline, None, tmp_path / "out", track=False, progress=False)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out" / "studies").exists()
+    missing = _pipeline(tmp_path / "missing.yaml", tmp_path / "no-such-model.pt")
+    with pytest.raises(InputError, match=r"missing\.yaml.*no-such-model\.pt"):
+        run_batch(missing, None, tmp_path / "out2", track=False, progress=False)

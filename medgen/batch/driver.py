@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medgen.archive.ledger import BatchLock, Ledger, StudyEntry
-from medgen.batch.spec import BatchPipeline, load_batch_pipeline, model_identity, stage_fingerprints
+from medgen.batch.spec import SYNTHESIS_STAGE, BatchPipeline, load_batch_pipeline, model_identity, stage_fingerprints
 from medgen.batch.work import STUDIES_DIR, StudyTask, study_dir
 from medgen.errors import InputError
 
@@ -157,6 +157,8 @@ def run_batch(
         raise InputError(pipeline_path or pipeline.name,
                          "this pipeline enhances an archive: give the archive folder (--input)")
     src_path, out_path = _check_folders(src, out)
+    if pipeline.is_synthesis:
+        _check_synthesis(pipeline, pipeline_path or pipeline.name, tracking_uri)
     started = time.perf_counter()
     summary = BatchSummary(out=out_path, run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3))
     with BatchLock(out_path), Ledger.open(out_path) as ledger:
@@ -187,6 +189,21 @@ def run_batch(
 
                 end_batch_run(tracker_run, summary, status)
     return summary
+
+
+def _check_synthesis(pipeline: BatchPipeline, source, tracking_uri: str | None) -> None:
+    """Load the synthesis model once and check every condition's request before any work:
+    a request the model cannot serve would otherwise fail every sample, one by one."""
+    from medgen.errors import MedgenError
+    from medgen.inference.loading import load_synthesis_model
+
+    settings = pipeline.settings(SYNTHESIS_STAGE)
+    try:
+        loaded = load_synthesis_model(settings.model, device="cpu", tracking_uri=tracking_uri)
+        for condition in settings.conditions:
+            loaded.check(settings.request(condition, 0))
+    except MedgenError as error:  # ParameterError included
+        raise InputError(source, f"synthesize: {error}") from error
 
 
 def _check_folders(src: str | Path | None, out: str | Path) -> tuple[Path | None, Path]:

@@ -119,6 +119,13 @@ class BatchSynthesize(_Step):
             raise ValueError(f"`conditions` lists a condition twice: {self.conditions}")
         return self
 
+    def request(self, condition: dict, index: int):
+        """The :class:`~medgen.inference.synthesis.SynthesisRequest` of sample ``index`` under ``condition``."""
+        from medgen.inference.synthesis import SynthesisRequest
+
+        return SynthesisRequest(n=1, condition=condition, seed=self.seed, sampler=self.sampler, steps=self.steps,
+                                guidance_scale=self.guidance_scale, first_index=index, temperature=self.temperature)
+
 
 class BatchStage(_Step):
     """One list item: exactly one stage name mapping to its settings."""

@@ -266,12 +266,8 @@ class StudyWorker:
             flight.results[name] = result
 
     def _synthesize(self, flight: StudyInFlight) -> None:
-        from medgen.inference.synthesis import SynthesisRequest
-
         settings, sample = self.pipeline.settings(SYNTHESIS_STAGE), flight.task.sample
-        request = SynthesisRequest(n=1, condition=sample.condition, seed=settings.seed, sampler=settings.sampler,
-                                   steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                   first_index=sample.index, temperature=settings.temperature)
+        request = settings.request(sample.condition, sample.index)
         synth = self._synthesizer()
         synth.check(request)
         flight.results[flight.task.key] = synth.generate(request, device=self._pick_device(), progress=False)[0]
