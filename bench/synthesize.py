@@ -213,6 +213,22 @@ def reconstruction_rows(ae_path: Path, work: Path, args, device: str) -> list[tu
     return rows
 
 
+def reconstructed(ae_path: Path, volumes: np.ndarray, device: str) -> np.ndarray:
+    """``volumes`` (each in [0, 1]) through the autoencoder and back: the most any generator
+    decoding its latents can show (a decoder that smooths away what tells scans apart caps
+    every generator's diversity)."""
+    import torch
+
+    from medgen.inference.loading import load_model
+    from medgen.inference.normalise import IntensityNorm
+    from medgen.stages.evaluate_synthesis import normalise_percentiles
+    from medgen.stages.train_synthesis import reconstruct
+
+    ae = load_model(ae_path, device=device).model
+    return np.stack([normalise_percentiles(reconstruct(ae, IntensityNorm.fit(v).forward(v), torch.device(device)))
+                     for v in volumes])
+
+
 def generate(model_path: Path, sampler: str | None, steps: int | None, n: int, device: str, threads: int = 0,
              temperature: float | None = None):  # fmt: skip
     """(images, seconds per volume, peak MB added while generating); run in a fresh process.
@@ -314,6 +330,8 @@ def main() -> None:
     parser.add_argument("--flow-temperatures", type=float, nargs="+", default=[1.0, 0.7],
                         help="a normalizing flow row per base-noise temperature")
     parser.add_argument("--skip-flow", action="store_true", help="no normalizing flow rows")
+    parser.add_argument("--skip-samplers", nargs="*", default=[], choices=["ddpm", "ddim", "rflow"],
+                        help="leave these latent diffusion rows out (e.g. to add the flow to an earlier run)")
     parser.add_argument("--encoder-steps", type=int, default=300)
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--steps", type=int, default=25, help="DDIM / rectified-flow steps")
@@ -359,6 +377,7 @@ def main() -> None:
     arms = [(f"DDPM ({args.ddpm_steps} steps)", "ddpm", "ddpm", args.ddpm_steps, None),
             (f"DDIM ({args.steps} steps)", "ddpm", "ddim", args.steps, None),
             (f"rectified flow ({args.steps} steps)", "rflow", "rflow", args.steps, None)]  # fmt: skip
+    arms = [arm for arm in arms if arm[2] not in args.skip_samplers]
     if "flow" in models:  # one exact inverse pass; the temperature scales the base noise
         arms += [(f"normalizing flow (1 pass, T={t:g})", "flow", None, None, t) for t in args.flow_temperatures]
     rows = []
@@ -370,6 +389,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     copies = train_set[rng.choice(len(train_set), size=args.n_samples, replace=len(train_set) < args.n_samples)]
     rows.append(("copies of training volumes", float("nan"), float("nan"), synthesis_report(copies, real, train_set, encoder)))
+    rows.append(("autoencoder reconstructions of those copies", float("nan"), float("nan"),
+                 synthesis_report(reconstructed(models["autoencoder"], copies, args.device), real, train_set, encoder)))
     half = len(real) // 2
     rows.append(("held-back real (half)", float("nan"), float("nan"), synthesis_report(real[:half], real[half:], train_set, encoder)))
 
