@@ -147,3 +147,36 @@ def test_parameter_errors(flat_noise):
         match_blocks(flat_noise, radius=1, group=30)
     with pytest.raises(ValueError, match="does not have the shape the groups were matched on"):
         collaborative_shrink(flat_noise[:20], 1.0, match_blocks(flat_noise))
+
+
+def test_fit_boxes_outside_the_anatomy_catch_an_estimate_that_fails_there(monkeypatch):
+    """An extra estimate that is exact around the anatomy and off by 3 sigma elsewhere: fitted
+    on the anatomy's box alone it gets full weight and the whole scan pays; with boxes drawn
+    from the rest of the scan SURE sees the offset and weighs the estimate down."""
+    from medgen.adapt import denoise as dn
+    from medgen.adapt import sure_regions
+    from medgen.adapt.common import AdaptRecord
+
+    n, s = 48, 0.05
+    grid = np.indices((n, n, n)).astype(np.float64)
+    radius = np.sqrt(((grid - (n - 1) / 2) ** 2).sum(axis=0))
+    clean = np.where(radius < 10, 0.8, 0.2) + 0.1 * np.sin(grid[0] / 3.0)
+    y = clean + s * np.random.default_rng(1).standard_normal(clean.shape)
+    monkeypatch.setattr(dn, "_fit_box_side", lambda reach: 24)
+    main = sure_regions.main_box(y, 24)
+    off = np.full(clean.shape, 3 * s)
+    off[main] = 0.0
+    extra = clean + off
+    f0 = np.concatenate([dn.denoise_features(y, s, np.float32), extra[None].astype(np.float32)])
+
+    def fitted_error(regions_fn) -> float:
+        monkeypatch.setattr(dn, "fit_regions", regions_fn)
+        record = AdaptRecord(method="test", params={})
+        gram, rhs = dn._sure_system(y, f0, s, "gaussian", 0, record, [lambda v, region, anchor: extra[region]])
+        return _mse(dn._apply(dn._solve(gram, rhs), f0, s), clean)
+
+    with_outside = fitted_error(sure_regions.fit_regions)
+    main_only = fitted_error(lambda y_, side, seed: [sure_regions.FitRegion(sure_regions.main_box(y_, side))])
+    assert len(sure_regions.fit_regions(y, 24, 0)) > 1
+    assert with_outside < 0.5 * main_only
+    assert main_only > 0.5 * float(np.mean(off**2))  # the main box alone trusts the estimate

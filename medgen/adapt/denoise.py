@@ -46,6 +46,7 @@ import numpy as np
 from medgen.adapt.block_matching import COLLABORATIVE_REACH_VOX, CollaborativeTerm
 from medgen.adapt.common import AdaptRecord, IntensityScale, budget_is_empty, check_budget
 from medgen.adapt.rician import remove_rician_floor, rician_mean, rician_mean_inverse
+from medgen.adapt.sure_regions import FitRegion, fit_regions
 from medgen.validate import (
     ParameterError,
     check_non_negative,
@@ -208,11 +209,12 @@ class _Accumulator:
         self.div = np.zeros(n_basis)
         self.count = 0
 
-    def add(self, phi: np.ndarray, target: np.ndarray, dphi_probe: np.ndarray | None = None) -> None:
-        self.gram += phi @ phi.T
-        self.rhs += phi @ target
+    def add(self, phi: np.ndarray, target: np.ndarray, dphi_probe: np.ndarray | None = None, weight: float = 1.0) -> None:
+        """Voxels that each stand for ``weight`` voxels of the scan."""
+        self.gram += weight * (phi @ phi.T)
+        self.rhs += weight * (phi @ target)
         if dphi_probe is not None:
-            self.div += dphi_probe.sum(axis=1)
+            self.div += weight * dphi_probe.sum(axis=1)
         self.count += target.size
 
 
@@ -226,19 +228,6 @@ def _fit_box_side(reach: int) -> int:
     return FIT_BOX_VOX - 2 * (reach - _FEATURE_REACH_VOX)
 
 
-def _fit_box(y: np.ndarray, side: int) -> tuple[slice, slice, slice]:
-    """A box of at most ``side`` voxels per axis around the bright part of ``y`` (the SURE fit's region)."""
-    bright = y > 0.1 * float(np.percentile(y, 99.5))
-    box = []
-    for axis, n in enumerate(y.shape):
-        w = min(side, n)
-        hits = np.nonzero(bright.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-        centre = int(hits.mean()) if hits.size else n // 2
-        start = min(max(centre - w // 2, 0), n - w)
-        box.append(slice(start, start + w))
-    return tuple(box)  # type: ignore[return-value]
-
-
 def _sure_system(
     y: np.ndarray,
     f0: np.ndarray,
@@ -249,21 +238,47 @@ def _sure_system(
     extras: Sequence[_RegionEstimate] = (),
     reach: int = _FEATURE_REACH_VOX,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Normal equations ``(gram, rhs)`` of SURE on a box of the normalised scan ``y``.
+    """Normal equations ``(gram, rhs)`` of SURE on the fit regions of the normalised scan ``y``
+    (:func:`~medgen.adapt.sure_regions.fit_regions`: a box around the anatomy, and on a large
+    scan a few boxes standing for the rest).
 
     ``f0`` are the features of the whole scan (the last ``len(extras)`` of them made by
     ``extras``, each called with a region of ``y``, its slices and its anchor). The classical
-    features at ``y + eps b`` are computed on the fit box plus a margin wider than their
-    reach, so that inside the box they match ``f0`` exactly but for the probe. An extra
-    estimate (a network, whose reach is unknown) is run on that margin box twice, with and
-    without the probe, and only its change is used. ``reach`` is the margin (voxels): at
-    least how far the features read. The SURE-optimal weights solve ``gram a = rhs``.
+    features at ``y + eps b`` are computed on each box plus a margin wider than their reach,
+    so that inside the box they match ``f0`` exactly but for the probe. An extra estimate (a
+    network, whose reach is unknown) is run on that margin box twice, with and without the
+    probe, and only its change is used. ``reach`` is the margin (voxels): at least how far the
+    features read. The SURE-optimal weights solve ``gram a = rhs``.
     """
     t0 = time.perf_counter()
-    box = _fit_box(y, _fit_box_side(reach))
+    regions = fit_regions(y, _fit_box_side(reach), seed)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _PROBE_STREAM]))
+    acc = _Accumulator(f0.shape[0] * N_BANDS)
+    for region in regions:
+        _add_region(acc, region, y, f0, s, noise, rng, extras, reach)
+    main = regions[0].box
+    record.params["fit_box_vox"] = [b.stop - b.start for b in main]
+    record.params["fit_outside_boxes"] = len(regions) - 1
+    record.params["seconds_fit"] = round(time.perf_counter() - t0, 2)
+    # SURE(a) = |y - Phi a|^2 - sum v + 2 sum_k a_k div_k  ->  (Phi^T Phi) a = Phi^T y - div
+    return acc.gram, acc.rhs - acc.div
+
+
+def _add_region(
+    acc: _Accumulator,
+    region: FitRegion,
+    y: np.ndarray,
+    f0: np.ndarray,
+    s: float,
+    noise: str,
+    rng: np.random.Generator,
+    extras: Sequence[_RegionEstimate],
+    reach: int,
+) -> None:
+    """Add one fit region's voxels (those it keeps, each ``region.weight`` times) to ``acc``."""
+    box = region.box
     outer = tuple(slice(max(b.start - reach, 0), min(b.stop + reach, n)) for b, n in zip(box, y.shape))
     inner = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer))
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _PROBE_STREAM]))
     probe_outer = rng.standard_normal(tuple(o.stop - o.start for o in outer))
     eps = 0.02 * s
     y_outer = y[outer].astype(np.float64)
@@ -275,31 +290,27 @@ def _sure_system(
         changes = [fn(y_outer + eps * probe_outer, outer, anchor1)[inner] - u for fn, u in zip(extras, unprobed)]
     f1 = f1[(slice(None), *inner)]
     probe = probe_outer[inner]
-    e0 = _edge_strength(f0[ANCHOR_CHANNEL], s)[box]
-    f0 = f0[(slice(None), *box)]
+    e0 = _edge_strength(f0[(ANCHOR_CHANNEL, *outer)], s)[inner]
+    fb = f0[(slice(None), *box)]
     if extras:
-        f1 = np.concatenate([f1, f0[N_FEATURES:] + np.stack(changes)])
-    n_features = f0.shape[0]
+        f1 = np.concatenate([f1, fb[N_FEATURES:] + np.stack(changes)])
+    n_features = fb.shape[0]
     yb = y[box]
-    record.params["fit_box_vox"] = [b.stop - b.start for b in box]
-    record.params["seconds_probe_features"] = round(time.perf_counter() - t0, 2)
     if noise == "rician":
         # Per-voxel variance of the magnitude, E[M^2] - E[M]^2 = 2 s^2 + A^2 - E[M]^2, from the
         # amplitude of the anchor estimate (floored: the estimate is rough near 0).
-        amp = rician_mean_inverse(f0[ANCHOR_CHANNEL], s).astype(np.float64)
+        amp = rician_mean_inverse(fb[ANCHOR_CHANNEL], s).astype(np.float64)
         var = np.maximum(2 * s * s + amp * amp - np.asarray(rician_mean(amp, s), np.float64) ** 2, 0.2 * s * s)
     else:
         var = None
-    acc = _Accumulator(n_features * N_BANDS)
     plane = int(np.prod(yb.shape[1:]))
     for sl in _slabs(yb.shape[0], _SLAB_VOXELS // plane):
-        phi0 = _basis(f0[:, sl].reshape(n_features, -1).astype(np.float64), e0[sl].ravel())
-        phi1 = _basis(f1[:, sl].reshape(n_features, -1), e1[sl].ravel())
-        v = (s * s) if var is None else var[sl].ravel()
-        acc.add(phi0, yb[sl].astype(np.float64).ravel(), (phi1 - phi0) * (probe[sl].ravel() * v / eps))
-    record.params["seconds_fit"] = round(time.perf_counter() - t0, 2)
-    # SURE(a) = |y - Phi a|^2 - sum v + 2 sum_k a_k div_k  ->  (Phi^T Phi) a = Phi^T y - div
-    return acc.gram, acc.rhs - acc.div
+        keep = slice(None) if region.keep is None else region.keep[sl].ravel()
+        phi0 = _basis(fb[:, sl].reshape(n_features, -1)[:, keep].astype(np.float64), e0[sl].ravel()[keep])
+        phi1 = _basis(f1[:, sl].reshape(n_features, -1)[:, keep], e1[sl].ravel()[keep])
+        v = (s * s) if var is None else var[sl].ravel()[keep]
+        acc.add(phi0, yb[sl].astype(np.float64).ravel()[keep], (phi1 - phi0) * (probe[sl].ravel()[keep] * v / eps),
+                weight=region.weight)
 
 
 #: An added feature: ``(voxels, their region in the scan, the anchor feature there) -> estimate``.
