@@ -283,14 +283,15 @@ def _add_region(
     eps = 0.02 * s
     y_outer = y[outer].astype(np.float64)
     f1 = denoise_features(y_outer + eps * probe_outer, s)
-    anchor0, anchor1 = f0[(ANCHOR_CHANNEL, *outer)].astype(np.float64), f1[ANCHOR_CHANNEL]
+    anchor_outer = f0[(ANCHOR_CHANNEL, *outer)]
+    anchor0, anchor1 = anchor_outer.astype(np.float64), f1[ANCHOR_CHANNEL]
     e1 = _edge_strength(anchor1, s)[inner]
     if extras:
         unprobed = [fn(y_outer, outer, anchor0)[inner] for fn in extras]
         changes = [fn(y_outer + eps * probe_outer, outer, anchor1)[inner] - u for fn, u in zip(extras, unprobed)]
     f1 = f1[(slice(None), *inner)]
     probe = probe_outer[inner]
-    e0 = _edge_strength(f0[(ANCHOR_CHANNEL, *outer)], s)[inner]
+    e0 = _edge_strength(anchor_outer, s)[inner]
     fb = f0[(slice(None), *box)]
     if extras:
         f1 = np.concatenate([f1, fb[N_FEATURES:] + np.stack(changes)])
