@@ -258,6 +258,22 @@ def uncertainty_report(case: Case, mean: np.ndarray, std: np.ndarray, label: str
             f"-- the map {verdict} (threshold 0.5).\n\n{table}\n")
 
 
+def best_rician_correction(out: np.ndarray, clean: np.ndarray, sigma: float, rician: bool) -> tuple[float, np.ndarray, str]:
+    """``(mse, corrected, note)`` of the best Rician bias correction sqrt(max(x^2 - k sigma^2, 0)), k in {0, 1, 2}.
+
+    A baseline's best case: the correction is chosen against the clean volume. Gaussian noise: ``out`` as it is.
+    """
+    if not rician:
+        return _mse(out, clean), out, ""
+    best = None
+    for k in (0.0, 1.0, 2.0):
+        x = np.sqrt(np.maximum(out * out - k * sigma * sigma, 0.0))
+        m = _mse(x, clean)
+        if best is None or m < best[0]:
+            best = (m, x, f", Rician k={k:g}")
+    return best
+
+
 def bm4d_row(case: Case, noisy: np.ndarray, sigma: float, rician: bool, log: Callable[[str], None]) -> Row | None:
     """BM4D given the true sigma (and, for MR, the best Rician bias correction); None if not installed."""
     try:
@@ -268,14 +284,10 @@ def bm4d_row(case: Case, noisy: np.ndarray, sigma: float, rician: bool, log: Cal
     t0 = time.perf_counter()
     out = np.asarray(bm4d.bm4d(noisy.astype(np.float32), sigma), dtype=np.float32)
     dt = time.perf_counter() - t0
-    best = None
-    for k in ((0.0, 1.0, 2.0) if rician else (None,)):
-        x = out if k is None else np.sqrt(np.maximum(out * out - k * sigma * sigma, 0.0))
-        m = _mse(x, case.clean)
-        if best is None or m < best[0]:
-            best = (m, x, "true sigma" + ("" if k is None else f", Rician k={k:g}"))
-    log(f"  BM4D in {dt:.0f} s: best {best[2]}")
-    return score(case, best[1], "BM4D (true sigma" + (", + Rician correction)" if rician else ")"), dt, best[2])
+    m, x, correction = best_rician_correction(out, case.clean, sigma, rician)
+    note = "true sigma" + correction
+    log(f"  BM4D in {dt:.0f} s: best {note}")
+    return score(case, x, "BM4D (true sigma" + (", + Rician correction)" if rician else ")"), dt, note)
 
 
 def model_rows(task: str, others: list[np.ndarray], degraded: np.ndarray, spacing, case: Case,
@@ -293,7 +305,8 @@ def model_rows(task: str, others: list[np.ndarray], degraded: np.ndarray, spacin
         if steps <= 0:
             continue
         loaded, t_train = train_unet(task, others, case.spacing_mm, args, log, kind=kind)
-        adapt = task.endswith("denoise") or not done_sr_adapt
+        # SR: SMORE ignores the model's output; with --only-models the SMORE rows come from the full run.
+        adapt = task.endswith("denoise") or not (done_sr_adapt or args.only_models)
         label = f"{names[kind]} trained on other data"
         rows += unet_rows(loaded, degraded, spacing, case, t_train, args, label, extras, adapt=adapt)
         done_sr_adapt = done_sr_adapt or not task.endswith("denoise")
@@ -312,6 +325,9 @@ def run_denoise(task: str, case: Case, args: argparse.Namespace, log: Callable[[
     noise_cls = RicianNoise if rician else GaussianNoise
     noisy = noise_cls(sigma=sigma, seed=args.seed)(case.clean)
     rows = [score(case, noisy, "degraded input", 0.0, f"sigma {sigma:.3g}")]
+    noise = "rician" if rician else "gaussian"
+    if args.only_models:
+        return rows + model_rows(task, other_volumes(task, args.crop, log), noisy, case.spacing_mm, case, args, log, extras)
 
     def best_of(candidates: dict[str, Callable[[], np.ndarray]], label: str) -> Row:
         best = None
@@ -319,12 +335,9 @@ def run_denoise(task: str, case: Case, args: argparse.Namespace, log: Callable[[
             t0 = time.perf_counter()
             out = fn()
             dt = time.perf_counter() - t0
-            corrections = (0.0, 1.0, 2.0) if rician else (None,)
-            for k in corrections:
-                x = out if k is None else np.sqrt(np.maximum(out * out - k * sigma * sigma, 0.0))
-                m = _mse(x, case.clean)
-                if best is None or m < best[0]:
-                    best = (m, x, dt, name + ("" if k is None else f", Rician k={k:g}"))
+            m, x, correction = best_rician_correction(out, case.clean, sigma, rician)
+            if best is None or m < best[0]:
+                best = (m, x, dt, name + correction)
         assert best is not None  # noqa: S101 - candidates is never empty here
         log(f"  {label}: best {best[3]}")
         return score(case, best[1], label, best[2], best[3])
@@ -342,7 +355,6 @@ def run_denoise(task: str, case: Case, args: argparse.Namespace, log: Callable[[
         if row is not None:
             rows.append(row)
 
-    noise = "rician" if rician else "gaussian"
     t0 = time.perf_counter()
     others = other_volumes(task, args.crop, log)
     pretrained = pretrain_denoiser(others, noise=noise, sigma_fraction=fraction, seed=args.seed)
@@ -373,6 +385,8 @@ def run_sr(task: str, case: Case, args: argparse.Namespace, log: Callable[[str],
     spacing = list(case.spacing_mm)
     spacing[axis] *= SR_FACTOR
     rows = [score(case, np.repeat(low, SR_FACTOR, axis=axis), "degraded input (thick slices repeated)", 0.0)]
+    if args.only_models:
+        return rows + model_rows(task, other_volumes(task, args.crop, log), low, spacing, case, args, log, extras)
     out, dt = timed(lambda: naive_zoom(low, SR_FACTOR, axis=axis, order=3))
     rows.append(score(case, out, "cubic, corner-aligned zoom (misplaced)", dt, "negative control"))
     out, dt = timed(lambda: upsample_slices(low, SR_FACTOR, axis=axis, order=1))
@@ -437,7 +451,7 @@ def verdict(rows: list[Row], baseline_names: tuple[str, ...], ours: str) -> str:
     """How the recipe compares with the best baseline on each of the four numbers."""
     base = [r for r in rows if r.method.startswith(baseline_names)]
     mine = next((r for r in rows if r.method == ours), None)
-    if mine is None:
+    if mine is None or not base:
         return "not run"
     parts = []
     for key, unit in (("psnr", "dB"), ("psnr_fg", "dB"), ("ssim", ""), ("ssim_fg", "")):
@@ -466,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapt-steps", type=int, default=None, help="step budget of each SR adaptation (rules over the clock)")
     parser.add_argument("--load-check", action="store_true",
                         help="SR: repeat SMORE with 2 CPU-burning processes beside it (use with --adapt-steps)")
+    parser.add_argument("--only-models", action="store_true",
+                        help="only the degraded input and the --models rows (same seeded degradation as a full run)")
     parser.add_argument("--no-bm4d", dest="bm4d", action="store_false", help="skip BM4D even if installed")
     parser.add_argument("--models", default="unet,gan,diffusion", help="learned models to train and score")
     parser.add_argument("--gan-steps", type=int, default=300, help="GAN training steps (0: skip)")
