@@ -213,7 +213,7 @@ def unet_rows(loaded, degraded: np.ndarray, spacing, case: "Case", t_train: floa
     ``extras`` (Markdown, printed under the task's table).
     """
     from medgen.adapt.with_model import adapt_with_model
-    from medgen.inference.enhance import enhance_with
+    from medgen.inference.enhance import box_predictor, enhance_with
     from medgen.volume import Volume
 
     affine = np.diag([*spacing, 1.0])
@@ -227,9 +227,7 @@ def unet_rows(loaded, degraded: np.ndarray, spacing, case: "Case", t_train: floa
     if not adapt:
         return rows
 
-    def predict(values: np.ndarray) -> np.ndarray:
-        return enhance_with(loaded, Volume(values, affine), norm=plain.norm, noise_level=plain.noise_level).volume.values(np.float32)
-
+    predict = box_predictor(loaded, scan, plain)
     t0 = time.perf_counter()
     budget = adapt_budget(args)
     adapted = adapt_with_model(loaded, scan, plain.volume, budget["seconds"], max_steps=budget["max_steps"],

@@ -139,6 +139,30 @@ def test_diffusion_gives_mean_and_uncertainty_in_physical_units():
     np.testing.assert_array_equal(again.volume.array, result.volume.array)  # seeded sampling
 
 
+class Zeros(torch.nn.Module):
+    def forward(self, x, noise_level=None):
+        return torch.zeros_like(x)
+
+
+def test_box_predictor_treats_a_box_as_the_whole_scan_and_runs_in_float32(monkeypatch):
+    import medgen.inference.enhance as enhance_module
+
+    cfg = PipelineConfig.model_validate({"data": {"normalisation": {"mode": "percentile", "lower": 0.0, "upper": 100.0}}})
+    loaded = LoadedModel(Zeros(), cfg)
+    scan = hu_volume((32, 32, 16))
+    result = enhance_with(loaded, scan, progress=False)
+    calls = []
+    real = enhance_module.enhance_volume
+    monkeypatch.setattr(enhance_module, "enhance_volume", lambda *a, **k: calls.append(k) or real(*a, **k))
+    predict = enhance_module.box_predictor(loaded, scan, result)
+    box = scan.values(np.float32)[8:24, 8:24, :] + 500.0  # a box whose own percentiles differ
+    out = predict(box)
+    # A model that outputs normalised 0 gives the whole scan's lower percentile, not the box's.
+    assert np.allclose(out, scan.values(np.float32).min(), atol=1e-3)
+    assert not np.allclose(out, box.min(), atol=1.0)
+    assert calls and calls[0]["amp"] is False and calls[0]["norm"] is result.norm
+
+
 def test_load_model_rebuilds_exported_weights_and_prefers_ema(tmp_path):
     from medgen.training.objectives import SupervisedObjective
     from medgen.training.trainer import Trainer

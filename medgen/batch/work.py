@@ -356,14 +356,9 @@ class StudyWorker:
         if settings.adapt_seconds <= 0:
             return result.volume
         from medgen.adapt.with_model import adapt_with_model
-        from medgen.volume import Volume
+        from medgen.inference.enhance import box_predictor
 
-        def predict(values: np.ndarray) -> np.ndarray:
-            box = Volume(values, volume.affine, volume.meta)
-            again = enhance_with(loaded, box, device=dev, overlap=settings.overlap, seed=settings.seed,
-                                 norm=result.norm, noise_level=result.noise_level)
-            return again.volume.values(np.float32)
-
+        predict = box_predictor(loaded, volume, result, device=dev, overlap=settings.overlap, seed=settings.seed)
         adapted = adapt_with_model(loaded, volume, result.volume, settings.adapt_seconds,
                                    predict=predict, seed=settings.seed, device=dev, log=None)
         return adapted.volume

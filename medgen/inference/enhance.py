@@ -9,7 +9,7 @@ standard deviation (the uncertainty map) in the same units.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -302,3 +302,23 @@ def enhance_with(loaded, volume: Volume, *, device: torch.device | str = "cpu", 
         options["target_scale"] = d.target_scale
     options.update(kwargs)
     return enhance_volume(loaded.model, volume, device=device, **options)
+
+
+def box_predictor(
+    loaded, scan: Volume, result: EnhanceResult, *, device: torch.device | str = "cpu", overlap: float = 0.25, seed: int = 0
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The model on any box of ``scan``'s voxels, treated as ``result`` treated the whole scan.
+
+    For ``--adapt``'s SURE fit (:func:`medgen.adapt.with_model.adapt_with_model`): the box gets
+    the whole scan's normalisation and noise level, and runs in float32 even on a GPU, because
+    the fit takes the difference of two outputs whose inputs differ by a fraction of the noise,
+    a change that bf16's ~3 significant digits would round away.
+    """
+
+    def predict(values: np.ndarray) -> np.ndarray:
+        box = Volume(values, scan.affine, scan.meta)
+        again = enhance_with(loaded, box, device=device, overlap=overlap, seed=seed, norm=result.norm,
+                             noise_level=result.noise_level, amp=False)
+        return again.volume.values(np.float32)
+
+    return predict

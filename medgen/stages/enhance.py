@@ -72,17 +72,9 @@ def _adapt(loaded, volume, result, seconds: float | None, steps: int | None, run
            progress: bool):
     """Adapt the model's output to the scan (``--adapt``/``--adapt-steps``) and log what was done."""
     from medgen.adapt.with_model import adapt_with_model
-    from medgen.inference.enhance import enhance_with
-    from medgen.volume import Volume
+    from medgen.inference.enhance import box_predictor
 
-    def predict(values: np.ndarray) -> np.ndarray:
-        # The whole scan's normalisation and noise level, so that a box is treated alike.
-        box = Volume(values, volume.affine, volume.meta)
-        again = enhance_with(
-            loaded, box, device=dev, overlap=overlap, seed=seed, norm=result.norm, noise_level=result.noise_level
-        )
-        return again.volume.values(np.float32)
-
+    predict = box_predictor(loaded, volume, result, device=dev, overlap=overlap, seed=seed)
     log = print if progress else None
     t0 = time.perf_counter()
     adapted = adapt_with_model(
