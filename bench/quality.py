@@ -302,7 +302,13 @@ def model_rows(task: str, others: list[np.ndarray], degraded: np.ndarray, spacin
         steps = {"unet": args.train_steps, "gan": args.gan_steps, "diffusion": args.diffusion_steps}[kind]
         if steps <= 0:
             continue
-        loaded, t_train = train_unet(task, others, case.spacing_mm, args, log, kind=kind)
+        if kind in args.model_file:  # trained before (e.g. by an earlier run of this bench): re-score it
+            from medgen.inference.loading import load_model
+
+            loaded, t_train = load_model(args.model_file[kind]), 0.0
+            log(f"  {kind}: loaded {args.model_file[kind]} (not trained in this run)")
+        else:
+            loaded, t_train = train_unet(task, others, case.spacing_mm, args, log, kind=kind)
         # SR: SMORE ignores the model's output; with --only-models the SMORE rows come from the full run.
         adapt = task.endswith("denoise") or not (done_sr_adapt or args.only_models)
         label = f"{names[kind]} trained on other data"
@@ -482,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the degraded input and the --models rows (same seeded degradation as a full run)")
     parser.add_argument("--no-bm4d", dest="bm4d", action="store_false", help="skip BM4D even if installed")
     parser.add_argument("--models", default="unet,gan,diffusion", help="learned models to train and score")
+    parser.add_argument("--model-file", action="append", default=[], metavar="KIND=PATH",
+                        help="use this trained model file for a --models kind instead of training one (repeatable)")
     parser.add_argument("--gan-steps", type=int, default=300, help="GAN training steps (0: skip)")
     parser.add_argument("--diffusion-steps", type=int, default=300, help="diffusion training steps (0: skip)")
     parser.add_argument("--diffusion-channels", default="16,32,32", help="DiffusionModelUNet channels (CPU-sized)")
@@ -500,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         args.adapt_steps, args.pretrain_seconds, args.ddim_steps, args.diffusion_samples = 20, 0.0, 2, 2
         args.adapt_seconds = 0.0  # no clock cap: the step budget alone ends SMORE, loaded or not
         args.diffusion_channels = "8,16"
+    try:
+        args.model_file = dict(item.split("=", 1) for item in args.model_file)
+    except ValueError:
+        print(f"--model-file takes KIND=PATH, got {args.model_file}", file=sys.stderr)
+        return 2
     import torch
 
     torch.set_num_threads(args.threads)

@@ -180,3 +180,30 @@ def test_fit_boxes_outside_the_anatomy_catch_an_estimate_that_fails_there(monkey
     assert len(sure_regions.fit_regions(y, 24, 0)) > 1
     assert with_outside < 0.5 * main_only
     assert main_only > 0.5 * float(np.mean(off**2))  # the main box alone trusts the estimate
+
+
+def test_an_amplitude_estimate_does_not_cost_the_air_of_a_rician_scan():
+    """A network estimates the amplitude A, the Rician fit the magnitude's mean E[M], which is
+    flat near the noise floor: the estimate enters as the E[M] it implies. Fed raw, this
+    floor-corrected smoothing made SURE-LET's error in the air 3.6x larger (0.022 against 0.006 sigma^2);
+    mapped, the air stays within 1.5x and the anatomy gains."""
+    from scipy import ndimage
+
+    clean, _ = mr_brain_phantom((40, 40, 40), 5.0, seed=3)
+    clean = clean.astype(np.float64)
+    sigma = 0.05 * float(np.percentile(clean, 99.5))
+    noisy = RicianNoise(sigma=sigma, seed=2)(clean.astype(np.float32))
+    air = clean < 0.1 * sigma
+
+    def network(v: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(np.sqrt(np.maximum(v.astype(np.float64) ** 2 - 2 * sigma**2, 0)), 1.0)
+
+    def errors(out: np.ndarray) -> tuple[float, float]:
+        return _mse(out[air], clean[air]) / sigma**2, _mse(out[~air], clean[~air]) / sigma**2
+
+    alone = errors(adapt_denoise(noisy, (5.0,) * 3, noise_sigma=sigma, noise="rician", seconds=1, seed=0))
+    joined = errors(adapt_denoise(noisy, (5.0,) * 3, noise_sigma=sigma, noise="rician", seconds=1, seed=0,
+                                  extra_estimates=[network]))
+    assert air.mean() > 0.5 and errors(network(noisy))[0] > 10 * alone[0]  # the estimate alone is poor in the air
+    assert joined[0] < 1.5 * alone[0]
+    assert joined[1] <= alone[1]

@@ -475,8 +475,15 @@ def adapt_denoise(
         },
     )
 
+    def as_feature(estimate: np.ndarray) -> np.ndarray:
+        # The fit estimates the magnitude's mean E[M]; a network estimates the amplitude A,
+        # which near the noise floor no per-band linear weight can map to E[M] (flat there).
+        if noise == "rician":
+            return np.asarray(rician_mean(np.maximum(estimate, 0.0).astype(np.float64), s), np.float64)
+        return estimate
+
     def normalised(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda v: scale.forward(fn(scale.inverse(v))).astype(np.float64)
+        return lambda v: as_feature(scale.forward(fn(scale.inverse(v))).astype(np.float64))
 
     extras = [_whole_scan_only(normalised(fn)) for fn in extra_estimates]
     t0 = time.perf_counter()
@@ -491,7 +498,7 @@ def adapt_denoise(
         extras.insert(0, term.estimate)
     if extra_estimates:
         if extra_outputs:
-            added += [scale.forward(v) for v in extra_outputs]
+            added += [as_feature(scale.forward(v)) for v in extra_outputs]
         else:
             added += [normalised(fn)(y) for fn in extra_estimates]
     if added:
