@@ -312,7 +312,9 @@ def model_rows(task: str, others: list[np.ndarray], degraded: np.ndarray, spacin
         # SR: SMORE ignores the model's output; with --only-models the SMORE rows come from the full run.
         adapt = task.endswith("denoise") or not (done_sr_adapt or args.only_models)
         label = f"{names[kind]} trained on other data"
-        rows += unet_rows(loaded, degraded, spacing, case, t_train, args, label, extras, adapt=adapt)
+        new = unet_rows(loaded, degraded, spacing, case, t_train, args, label, extras, adapt=adapt)
+        log(table(new))  # as soon as scored: a long run that is stopped keeps what it measured
+        rows += new
         done_sr_adapt = done_sr_adapt or not task.endswith("denoise")
     return rows
 
