@@ -282,7 +282,7 @@ def bm4d_row(case: Case, noisy: np.ndarray, sigma: float, rician: bool, log: Cal
     t0 = time.perf_counter()
     out = np.asarray(bm4d.bm4d(noisy.astype(np.float32), sigma), dtype=np.float32)
     dt = time.perf_counter() - t0
-    m, x, correction = best_rician_correction(out, case.clean, sigma, rician)
+    _, x, correction = best_rician_correction(out, case.clean, sigma, rician)
     note = "true sigma" + correction
     log(f"  BM4D in {dt:.0f} s: best {note}")
     return score(case, x, "BM4D (true sigma" + (", + Rician correction)" if rician else ")"), dt, note)
@@ -331,7 +331,6 @@ def run_denoise(task: str, case: Case, args: argparse.Namespace, log: Callable[[
     noise_cls = RicianNoise if rician else GaussianNoise
     noisy = noise_cls(sigma=sigma, seed=args.seed)(case.clean)
     rows = [score(case, noisy, "degraded input", 0.0, f"sigma {sigma:.3g}")]
-    noise = "rician" if rician else "gaussian"
     if args.only_models:
         return rows + model_rows(task, other_volumes(task, args.crop, log), noisy, case.spacing_mm, case, args, log, extras)
 
@@ -361,6 +360,7 @@ def run_denoise(task: str, case: Case, args: argparse.Namespace, log: Callable[[
         if row is not None:
             rows.append(row)
 
+    noise = "rician" if rician else "gaussian"
     t0 = time.perf_counter()
     others = other_volumes(task, args.crop, log)
     pretrained = pretrain_denoiser(others, noise=noise, sigma_fraction=fraction, seed=args.seed)

@@ -422,7 +422,8 @@ def adapt_denoise(
         Other denoisers, each mapping a volume in physical units to its estimate of the clean
         volume (same shape and units), e.g. a trained network. Each becomes one more feature
         whose weights SURE fits per band; it is evaluated on the whole scan and, with and
-        without the probe, on the fit box. Needs ``seconds > 0``.
+        without the probe, on the fit box. For Rician noise it enters as the magnitude mean
+        E[M] that its amplitude implies (the quantity the fit estimates). Needs ``seconds > 0``.
     extra_outputs : sequence of ndarray, optional
         The ``extra_estimates`` already applied to ``volume_values`` (physical units, same
         order), when the caller has them: spares one pass of each over the whole scan.
