@@ -260,7 +260,8 @@ class _Context:
         """Ingest, then a nested run with one table row per series (pseudonymous keys only)."""
         from medgen.archive.manifest import Manifest
         from medgen.stages.ingest import ingest
-        from medgen.tracking import Tracker, run_name
+        from medgen.run_names import run_name
+        from medgen.tracking import Tracker
 
         summary = ingest(step.src, step.out, workers=step.workers, progress=self.progress)
         with Manifest.open(summary.dst) as manifest:

@@ -41,7 +41,8 @@ def baseline(
     from medgen.baselines.denoise import estimate_noise_sigma, gaussian_denoise, nlm_denoise
     from medgen.io.writers import save
     from medgen.stages.common import load_volume
-    from medgen.tracking import Tracker, input_key, run_name
+    from medgen.run_names import input_key, run_name
+    from medgen.tracking import Tracker
     from medgen.validate import look_up_option
 
     method = look_up_option("method", method, ("nlm", "gaussian"))

@@ -73,7 +73,8 @@ def check_stage(
 ) -> CheckSummary:
     """:func:`check_scans` as a pipeline stage: verdicts as JSON (``out``) and one MLflow run
     with the counts and the verdict table."""
-    from medgen.tracking import Tracker, run_name
+    from medgen.run_names import run_name
+    from medgen.tracking import Tracker
 
     summary = check_scans(scans, model, tracking_uri=tracking_uri)
     rows = summary.rows()

@@ -75,7 +75,8 @@ def degrade(
     from medgen.data.degrade import DegradationChain, build_degradation
     from medgen.io import save
     from medgen.stages.common import load_volume, volume_facts
-    from medgen.tracking import Tracker, input_key, run_name
+    from medgen.run_names import input_key, run_name
+    from medgen.tracking import Tracker
 
     noise = look_up_option("noise", noise, literal_options(NoiseName))
     thick_factor = check_int("thick_factor", thick_factor, minimum=1)

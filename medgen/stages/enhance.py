@@ -176,7 +176,8 @@ def enhance(
     from medgen.io import save
     from medgen.stages import gating
     from medgen.stages.common import load_volume, require_3d, volume_facts
-    from medgen.tracking import Tracker, input_key, run_name
+    from medgen.run_names import input_key, run_name
+    from medgen.tracking import Tracker
     from medgen.training.distributed import pick_device
 
     started = time.perf_counter()
@@ -298,7 +299,8 @@ def _skipped(scan: Path, volume, loaded, verdict, option, dev, started: float, e
     """A scan the gate kept out (policy ``skip``): an MLflow run that says so, no output."""
     from medgen.stages import gating
     from medgen.stages.common import volume_facts
-    from medgen.tracking import Tracker, input_key, run_name
+    from medgen.run_names import input_key, run_name
+    from medgen.tracking import Tracker
 
     reason = gating.gated_reason(verdict)
     tracker = Tracker(experiment, uri=tracking_uri)

@@ -163,7 +163,8 @@ def evaluate(
     from medgen.metrics.masks import foreground_mask
     from medgen.metrics.quality import quality_report
     from medgen.stages.common import load_volume, reference_data_range, volume_facts
-    from medgen.tracking import Tracker, input_key, run_name
+    from medgen.run_names import input_key, run_name
+    from medgen.tracking import Tracker
 
     ref_volume = load_volume(reference)
     ref = ref_volume.values(np.float32)

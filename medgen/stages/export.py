@@ -49,7 +49,8 @@ def export(volume_path: str | Path, *, dicom: str | Path | None = None,
         return summary
 
     from medgen.stages.common import volume_facts
-    from medgen.tracking import Tracker, input_key, run_name
+    from medgen.run_names import input_key, run_name
+    from medgen.tracking import Tracker
 
     formats = "+".join(f for f, given in (("dicom", dicom), ("montage", montage)) if given is not None)
     name = run_name("export", formats or "nothing", input_key(volume_path, volume))

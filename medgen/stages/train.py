@@ -295,7 +295,8 @@ def train(
         data_hash = files_sha256(paths) if dist.is_main else ""
         tracker = run = None
         if dist.is_main:
-            from medgen.tracking import RunHandle, Tracker, flatten_config, run_name
+            from medgen.run_names import run_name
+            from medgen.tracking import RunHandle, Tracker, flatten_config
 
             tracker = Tracker(cfg.experiment, uri=tracking_uri)
             if previous_run_id is not None and tracker.reopen_run(previous_run_id):
