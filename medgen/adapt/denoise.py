@@ -45,7 +45,7 @@ import numpy as np
 
 from medgen.adapt.block_matching import COLLABORATIVE_REACH_VOX, CollaborativeTerm
 from medgen.adapt.common import AdaptRecord, IntensityScale, budget_is_empty, check_budget
-from medgen.adapt.rician import remove_rician_floor, rician_mean, rician_mean_inverse
+from medgen.adapt.rician import above_floor, remove_rician_floor, rician_mean, rician_mean_inverse
 from medgen.adapt.sure_regions import FitRegion, fit_regions
 from medgen.validate import (
     ParameterError,
@@ -322,11 +322,6 @@ def _whole(shape: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(0, n) for n in shape)
 
 
-def _whole_scan_only(fn: Callable[[np.ndarray], np.ndarray]) -> _RegionEstimate:
-    """A user's estimate as an extra feature: it needs only the voxels, not where they lie."""
-    return lambda v, region, anchor: fn(v)
-
-
 def _solve(gram: np.ndarray, rhs: np.ndarray, prior: np.ndarray | None = None, prior_weight: float = 0.0) -> np.ndarray:
     """Ridge-stabilised solve of ``gram a = rhs`` (optionally shrunk towards ``prior``)."""
     k = gram.shape[0]
@@ -423,7 +418,11 @@ def adapt_denoise(
         volume (same shape and units), e.g. a trained network. Each becomes one more feature
         whose weights SURE fits per band; it is evaluated on the whole scan and, with and
         without the probe, on the fit box. For Rician noise it enters as the magnitude mean
-        E[M] that its amplitude implies (the quantity the fit estimates). Needs ``seconds > 0``.
+        E[M] that its amplitude implies (the quantity the fit estimates), and only above the
+        noise floor (:func:`~medgen.adapt.rician.above_floor` of the anchor: below ``2 sigma``
+        the feature is the anchor, blended up to ``4 sigma``), where the magnitude is far
+        from Gaussian and SURE misjudged a diffusion model's output (whole-volume MR: 3.3 dB
+        lost in the air). Needs ``seconds > 0``.
     extra_outputs : sequence of ndarray, optional
         The ``extra_estimates`` already applied to ``volume_values`` (physical units, same
         order), when the caller has them: spares one pass of each over the whole scan.
@@ -486,7 +485,20 @@ def adapt_denoise(
     def normalised(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
         return lambda v: as_feature(scale.forward(fn(scale.inverse(v))).astype(np.float64))
 
-    extras = [_whole_scan_only(normalised(fn)) for fn in extra_estimates]
+    def gated(estimate: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+        # Near the Rician floor the magnitude is far from Gaussian and SURE misjudges a
+        # network's (non-linear) estimate there: it is offered only above the floor, and
+        # below it the feature falls back to the anchor.
+        if noise != "rician":
+            return estimate
+        trust = above_floor(anchor, s)
+        return anchor + trust * (estimate - anchor)
+
+    def extra_feature(fn: Callable[[np.ndarray], np.ndarray]) -> _RegionEstimate:
+        estimate = normalised(fn)
+        return lambda v, region, anchor: gated(estimate(v), anchor)
+
+    extras = [extra_feature(fn) for fn in extra_estimates]
     t0 = time.perf_counter()
     f0 = denoise_features(y, s, np.float32)
     added = []
@@ -498,10 +510,11 @@ def adapt_denoise(
         added.append(term.estimate(y.astype(np.float64), _whole(y.shape), f0[ANCHOR_CHANNEL].astype(np.float64)))
         extras.insert(0, term.estimate)
     if extra_estimates:
+        anchor = f0[ANCHOR_CHANNEL].astype(np.float64)
         if extra_outputs:
-            added += [as_feature(scale.forward(v)) for v in extra_outputs]
+            added += [gated(as_feature(scale.forward(v)), anchor) for v in extra_outputs]
         else:
-            added += [normalised(fn)(y) for fn in extra_estimates]
+            added += [gated(normalised(fn)(y), anchor) for fn in extra_estimates]
     if added:
         f0 = np.concatenate([f0, np.stack(added).astype(np.float32)])
     rec.params["seconds_features"] = round(time.perf_counter() - t0, 2)

@@ -12,7 +12,7 @@ import numpy as np
 
 from medgen.validate import check_positive
 
-__all__ = ["remove_rician_floor", "rician_mean", "rician_mean_inverse"]
+__all__ = ["above_floor", "remove_rician_floor", "rician_mean", "rician_mean_inverse"]
 
 _SQRT_HALF_PI = math.sqrt(math.pi / 2.0)
 
@@ -82,5 +82,17 @@ def remove_rician_floor(mean: np.ndarray, s: float) -> np.ndarray:
     mean = np.asarray(mean, dtype=np.float64)
     exact = rician_mean_inverse(mean, s).astype(np.float64)
     floored = np.sqrt(np.maximum(mean * mean - 2.0 * s * s, 0.0))
-    w = np.clip((mean / s - 2.0) / 2.0, 0.0, 1.0)
+    w = above_floor(mean, s)
     return w * exact + (1.0 - w) * floored
+
+
+def above_floor(mean: np.ndarray, s: float) -> np.ndarray:
+    """How far above the noise floor an estimate of ``E[M | A]`` lies: 0 below ``2 s``, 1 above
+    ``4 s``, linear between (where :func:`remove_rician_floor` blends its two inverses).
+
+    Examples
+    --------
+    >>> above_floor(np.array([1.0, 3.0, 5.0]), 1.0).tolist()
+    [0.0, 0.5, 1.0]
+    """
+    return np.clip((np.asarray(mean, dtype=np.float64) / s - 2.0) / 2.0, 0.0, 1.0)
