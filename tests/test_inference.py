@@ -106,8 +106,8 @@ def test_thick_slices_are_refined_at_their_true_positions():
     np.testing.assert_allclose(out.array[:, :, 1:-1], clean.array[:, :, 1:-1], atol=1e-3)
 
 
-def test_diffusion_gives_mean_and_uncertainty_in_physical_units():
-    cfg = PipelineConfig.model_validate(
+def tiny_diffusion_config(n_samples: int = 3) -> PipelineConfig:
+    return PipelineConfig.model_validate(
         {
             "model": {
                 "kind": "diffusion",
@@ -117,12 +117,16 @@ def test_diffusion_gives_mean_and_uncertainty_in_physical_units():
                     "attention_levels": [False, False],
                     "norm_num_groups": 4,
                     "sampling_steps": 2,
-                    "n_samples": 3,
+                    "n_samples": n_samples,
                 },
             },
             "data": {"normalisation": {"mode": "fixed", "lower": -1000, "upper": 1000}},
         }
     )
+
+
+def test_diffusion_gives_mean_and_uncertainty_in_physical_units():
+    cfg = tiny_diffusion_config()
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
@@ -161,6 +165,24 @@ def test_box_predictor_treats_a_box_as_the_whole_scan_and_runs_in_float32(monkey
     assert np.allclose(out, scan.values(np.float32).min(), atol=1e-3)
     assert not np.allclose(out, box.min(), atol=1.0)
     assert calls and calls[0]["amp"] is False and calls[0]["norm"] is result.norm
+
+
+@pytest.mark.parametrize("n_samples, probe_samples", [(4, 2), (1, 1)])
+def test_box_predictor_draws_at_most_two_diffusion_samples(monkeypatch, n_samples, probe_samples):
+    import medgen.inference.enhance as enhance_module
+
+    cfg = tiny_diffusion_config(n_samples)
+    torch.manual_seed(0)
+    loaded = LoadedModel(build_model(cfg), cfg)
+    scan = hu_volume((16, 16, 8))
+    result = enhance_with(loaded, scan, progress=False)
+    calls = []
+    real = enhance_module.enhance_volume
+    monkeypatch.setattr(enhance_module, "enhance_volume", lambda *a, **k: calls.append(k) or real(*a, **k))
+    out = enhance_module.box_predictor(loaded, scan, result)(scan.values(np.float32)[:8])
+    assert out.shape == (8, 16, 8)
+    assert [c["n_samples"] for c in calls] == [probe_samples]
+    assert cfg.model.diffusion.n_samples == n_samples  # the config itself is left alone
 
 
 def test_load_model_rebuilds_exported_weights_and_prefers_ema(tmp_path):

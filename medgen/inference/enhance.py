@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,10 @@ from torch import nn
 from medgen.inference.normalise import IntensityNorm
 from medgen.inference.sliding import WindowPlan, plan_windows, sliding_window_predict
 from medgen.volume import Volume, join_frames, split_frames
+
+#: Diffusion samples per box in ``--adapt``'s SURE probe (:func:`box_predictor`): on a 112^3 MR
+#: crop 2 gave the same adapted output as 4 (to 0.01 dB) in two thirds of the time.
+PROBE_SAMPLES = 2
 
 
 @dataclass
@@ -312,13 +317,18 @@ def box_predictor(
     For ``--adapt``'s SURE fit (:func:`medgen.adapt.with_model.adapt_with_model`): the box gets
     the whole scan's normalisation and noise level, and runs in float32 even on a GPU, because
     the fit takes the difference of two outputs whose inputs differ by a fraction of the noise,
-    a change that bf16's ~3 significant digits would round away.
+    a change that bf16's ~3 significant digits would round away. A diffusion model draws at
+    most :data:`PROBE_SAMPLES` samples per box: the fit uses only the change the probe makes,
+    whose expectation over the sampler's noise is the same for any number of samples.
     """
+    extra: dict[str, Any] = {}
+    if loaded.config.model.kind == "diffusion":
+        extra["n_samples"] = min(loaded.config.model.diffusion.n_samples, PROBE_SAMPLES)
 
     def predict(values: np.ndarray) -> np.ndarray:
         box = Volume(values, scan.affine, scan.meta)
         again = enhance_with(loaded, box, device=device, overlap=overlap, seed=seed, norm=result.norm,
-                             noise_level=result.noise_level, amp=False)
+                             noise_level=result.noise_level, amp=False, **extra)
         return again.volume.values(np.float32)
 
     return predict
