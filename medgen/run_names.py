@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from medgen.io.suffixes import image_suffix
+
 __all__ = ["input_key", "run_name"]
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # What ingest names its outputs: "<12 hex key>[_s<SeriesNumber>][_<part>]" (no description).
 _PSEUDONYM_STEM = re.compile(r"^[0-9a-f]{12}(_s\d+)?(_\d+)?$")
 # A DICOM person-name separator, or six digits and more (dates, record numbers).
@@ -69,7 +70,7 @@ def input_key(path: str | Path | None, volume: Any = None) -> str:
         return "volume"
     path = Path(path)
     name = path.name
-    suffix = next((s for s in _IMAGE_SUFFIXES if name.lower().endswith(s)), None)
+    suffix = image_suffix(name)
     if suffix is None or path.is_dir():
         return "dicom-" + pseudonym("input", str(path.expanduser().absolute()))
     stem = name[: -len(suffix)]

@@ -19,11 +19,11 @@ import numpy as np
 
 from medgen.errors import InputError
 from medgen.io.atomic import replace_into, staging_dir
+from medgen.io.suffixes import ITK_SUFFIXES
 from medgen.volume import Volume, VolumeMeta
 
 __all__ = ["ITK_SUFFIXES", "is_itk_path", "read_itk", "write_itk"]
 
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
 _META_MODALITY = "medgen_modality"
 _META_UNITS = "medgen_units"

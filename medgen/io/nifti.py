@@ -17,11 +17,11 @@ import numpy as np
 
 from medgen.errors import InputError
 from medgen.io.atomic import atomic_path, atomic_write_bytes
+from medgen.io.suffixes import NIFTI_SUFFIXES
 from medgen.volume import Volume, VolumeMeta
 
 __all__ = ["NIFTI_SUFFIXES", "is_nifti_path", "read_nifti", "to_nifti_image", "write_nifti"]
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GZIP_MAGIC = b"\x1f\x8b"
 # isal level 2: same speed as level 1 (ISA-L levels 0-2 are all "fast"), slightly smaller.
 _DEFAULT_COMPRESSLEVEL = 2

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from medgen.io.atomic import atomic_write_bytes
+from medgen.io.suffixes import image_suffix
 from medgen.volume import Volume
 
 __all__ = ["PHI_KEYS", "is_phi_key", "sidecar_dict", "sidecar_path", "strip_phi", "write_sidecar"]
@@ -220,10 +221,8 @@ def sidecar_path(image_path: str | Path) -> Path:
     """
     p = Path(image_path)
     name = p.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return p.with_name(name[: -len(suffix)] + ".json")
-    return p.with_suffix(".json")
+    suffix = image_suffix(name)
+    return p.with_name(name[: -len(suffix)] + ".json") if suffix else p.with_suffix(".json")
 
 
 def write_sidecar(volume: Volume, path: str | Path, *, keep_phi: bool = False) -> Path:

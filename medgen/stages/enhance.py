@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from medgen.errors import InputError
+from medgen.io.suffixes import NIFTI_SUFFIXES, image_suffix
 from medgen.validate import ParameterError, check_int, check_non_negative, literal_options, look_up_option
 
 OutputFormatName = Literal["nifti", "dicom"]
@@ -49,7 +50,7 @@ class EnhanceSummary:
 def uncertainty_path(out: Path) -> Path:
     """``x.nii.gz`` -> ``x_uncertainty.nii.gz``; a DICOM folder ``x`` -> ``x_uncertainty.nii.gz``."""
     name = out.name
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
             return out.with_name(name[: -len(suffix)] + "_uncertainty" + suffix)
     return out.with_name(name + "_uncertainty.nii.gz")
@@ -245,7 +246,7 @@ def enhance(
         written = output if verdict is None else gating.with_verdict(output, verdict, gate_option)
         if fmt == "dicom":
             kwargs = {"series_description": f"medgen {loaded.kind} enhanced"}
-            if scan.is_dir() or not scan.name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
+            if scan.is_dir() or image_suffix(scan.name) is None:
                 source = _source_dataset(scan)
                 if source is not None:
                     kwargs["source_dataset"] = source

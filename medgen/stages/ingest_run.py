@@ -14,6 +14,7 @@ from pathlib import Path
 
 from medgen.errors import InputError
 from medgen.io.deid import output_stem, safe_name
+from medgen.io.suffixes import image_suffix
 from medgen.stages.ingest_plan import SeriesTask
 
 
@@ -155,10 +156,8 @@ def _stem_for(task: SeriesTask, volume, index: int, n_volumes: int) -> str:
     if not task.keep_phi:  # file names are often patient names: only the key by default
         return task.key if n_volumes == 1 else f"{task.key}_{index + 1}"
     name = task.real_name or Path(task.rel_files[0]).name
-    for suffix in (".nii.gz", ".nii", ".hdr", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    suffix = image_suffix(name, also=(".hdr",))
+    name = name[: -len(suffix)] if suffix else name
     stem = f"{task.key}_{safe_name(name, empty=task.kind)}"
     return stem if n_volumes == 1 else f"{stem}_{index + 1}"
 
