@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from medgen.io import suffixes
 from medgen.io.dicom_limits import DEFAULT_MAX_IMAGE_MB, check_deflated_size
 from medgen.io.suffixes import ITK_SUFFIXES
+from medgen.io.suffixes import NIFTI_SUFFIXES as _NIFTI_NAMES
 
 #: "broken": looks like DICOM but cannot be used (unreadable header, no series UID ...).
 FileKind = Literal["dicom", "dicomdir", "nifti", "itk", "broken", "other"]
 
-NIFTI_SUFFIXES = (*suffixes.NIFTI_SUFFIXES, ".hdr")  # .hdr: NIfTI-1 pairs, told apart by content
+NIFTI_SUFFIXES = (*_NIFTI_NAMES, ".hdr")  # .hdr: NIfTI-1 pairs, told apart by content
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # Header-only read: enough to group files into series without touching pixel data.
 _NIFTI_HEADER_SIZES = {struct.pack(o + "i", n) for o in "<>" for n in (348, 540)}
