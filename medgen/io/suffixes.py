@@ -1,13 +1,12 @@
 """The file-name endings of the image formats medgen reads and writes, in one place.
 
-Pure Python (no NumPy, no readers): naming code anywhere in the project can use it.
+It imports nothing of its own (no readers, no torch): naming code in any layer can use it.
 """
 
 from __future__ import annotations
 
 __all__ = ["IMAGE_SUFFIXES", "ITK_SUFFIXES", "NIFTI_SUFFIXES", "image_suffix"]
 
-#: Longest first, so that ``x.nii.gz`` ends in ``.nii.gz``, not ``.gz``-less ``.nii``.
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
