@@ -19,6 +19,7 @@ Examples
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
@@ -40,6 +41,7 @@ MODEL_META_FILE = "medgen_model.json"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch call
 _MAX_PARAM_CHARS = 6000
+_DOWNLOADS: dict[int, Path] = {}  # process id -> its folder of downloaded models
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -487,7 +489,8 @@ def resolve_model_uri(
         A ``.pt`` file; a folder holding ``model.pt``; ``runs:/<run_id>/model``;
         ``models:/<name>/<version>``; or a ``file://`` URI.
     dst_dir : path, optional
-        Where downloaded artifacts go (default: a new temporary folder).
+        Where downloaded artifacts go (default: a new folder inside one temporary folder
+        per process, removed when the process exits: load the model before then).
     tracking_uri : str, optional
         Default :func:`default_tracking_uri`; also used as the registry URI.
 
@@ -512,7 +515,7 @@ def resolve_model_uri(
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri or default_tracking_uri()
-        dst = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="medgen-model-"))
+        dst = Path(dst_dir) if dst_dir is not None else _download_folder()
         dst.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         try:
@@ -529,6 +532,25 @@ def resolve_model_uri(
             path, "no such model file, folder or MLflow URI (runs:/<id>/model, models:/<name>/<version>)"
         )
     return _model_file_in(path, text)
+
+
+def _download_folder() -> Path:
+    """A new folder for one download, inside this process's temporary folder of models.
+
+    That folder is removed at exit, so each ``medgen enhance --model models:/...`` no longer
+    leaves a copy of the model behind; a forked child that exits normally leaves its parent's
+    folder alone (the process id is checked).
+    """
+    pid = os.getpid()
+    if pid not in _DOWNLOADS:
+        _DOWNLOADS[pid] = Path(tempfile.mkdtemp(prefix="medgen-models-"))
+        atexit.register(_remove_downloads, pid)
+    return Path(tempfile.mkdtemp(dir=_DOWNLOADS[pid]))
+
+
+def _remove_downloads(pid: int) -> None:
+    if os.getpid() == pid and pid in _DOWNLOADS:
+        shutil.rmtree(_DOWNLOADS.pop(pid), ignore_errors=True)
 
 
 def _download(client, uri: str, dst: Path) -> str:

@@ -125,6 +125,30 @@ def test_model_checkpoint_round_trip_through_run_and_registry_uris(store, tmp_pa
     assert is_model_uri("runs:/abc/model") and not is_model_uri("runs/abc")
 
 
+def test_a_model_downloaded_without_a_destination_is_removed_when_the_process_exits(store, tmp_path):
+    tracker = Tracker("unit", uri=store)
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"format": "medgen-model", "w": torch.ones(2)}, checkpoint)
+    with tracker.run("train") as run:
+        run.log_model_checkpoint(checkpoint, {"kind": "unet", "config_json": "{}"})
+        uri = f"runs:/{run.run_id}/model"
+    script = (
+        "import sys, torch\n"
+        "from medgen.tracking import resolve_model_uri\n"
+        "a = resolve_model_uri(sys.argv[1], tracking_uri=sys.argv[2])\n"
+        "b = resolve_model_uri(sys.argv[1], tracking_uri=sys.argv[2])\n"
+        "assert a != b and torch.load(a, weights_only=True)['w'].sum() == 2\n"
+        "print(a)\n"
+    )
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script, uri, store], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    local = Path(done.stdout.strip().splitlines()[-1])
+    assert local.name == "model.pt" and local.is_relative_to(tmp_path)
+    assert not local.exists()
+    assert not list(tmp_path.glob("medgen-models-*"))  # the process's folder went with it
+
+
 def test_montage_and_image_artifacts(store, tmp_path):
     import numpy as np
 

@@ -498,7 +498,8 @@ def adapt_denoise(
         estimate = normalised(fn)
         return lambda v, region, anchor: gated(estimate(v), anchor)
 
-    extras = [extra_feature(fn) for fn in extra_estimates]
+    network_terms = [extra_feature(fn) for fn in extra_estimates]
+    extras = list(network_terms)
     t0 = time.perf_counter()
     f0 = denoise_features(y, s, np.float32)
     added = []
@@ -514,7 +515,7 @@ def adapt_denoise(
         if extra_outputs:
             added += [gated(as_feature(scale.forward(v)), anchor) for v in extra_outputs]
         else:
-            added += [gated(normalised(fn)(y), anchor) for fn in extra_estimates]
+            added += [term(y, _whole(y.shape), anchor) for term in network_terms]
     if added:
         f0 = np.concatenate([f0, np.stack(added).astype(np.float32)])
     rec.params["seconds_features"] = round(time.perf_counter() - t0, 2)
